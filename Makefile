@@ -1,0 +1,55 @@
+# Two commands on a fresh machine: `make run` and `make test`. Every target creates .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+FMNIST_SRC := /usr/share/datasets/fashion-mnist
+FMNIST_RAW := data/raw/FashionMNIST/raw
+FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+
+.PHONY: run test data lint bench ui dvc-yaml clean help
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+run: $(BIN)/cdc data  ## the default pipeline: dvc repro under one MLflow run, then the summary
+	cdc repro
+
+test: $(BIN)/cdc data  ## the test suite (unit, component, end-to-end)
+	$(BIN)/pytest -q
+
+$(BIN)/cdc: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (about two minutes on a fresh machine; log: $(VENV)/install.log)"
+	@$(BIN)/pip install -e ".[dev]" > $(VENV)/install.log 2>&1 || (tail -30 $(VENV)/install.log; exit 1)
+	@touch $@
+
+data: $(addprefix $(FMNIST_RAW)/,$(FMNIST_FILES))  ## Fashion-MNIST from Debian's dataset-fashion-mnist, gunzipped for torchvision
+
+$(FMNIST_RAW)/%: | $(FMNIST_SRC)/%.gz
+	@mkdir -p $(FMNIST_RAW)
+	gunzip -c $(FMNIST_SRC)/$*.gz > $@.tmp && mv $@.tmp $@
+
+$(FMNIST_SRC)/%.gz:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) and retry."; exit 1; \
+	fi
+
+lint: $(BIN)/cdc  ## ruff, and dvc.yaml in step with the stage list
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+dvc-yaml: $(BIN)/cdc  ## regenerate dvc.yaml from components/stages.py
+	$(BIN)/cdc dvc-yaml > dvc.yaml
+
+ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+bench: $(BIN)/cdc data  ## benchmarks (print a table, write JSON under bench/results)
+	@for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
+	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts

@@ -1,0 +1,152 @@
+"""The params schema: one pydantic model per `params.yaml` section, validated up front.
+
+A bad value fails with its full key (e.g. `prune.ratio`), the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cdc.data import DATASETS
+from cdc.discriminants import DISCRIMINANTS
+from cdc.models import MODELS
+from cdc.pruning import BUDGETS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    dataset: str = "fashion_mnist"
+    val_size: int = Field(5000, ge=1, description="images held out of the training set for validation")
+    train_limit: int | None = Field(None, ge=10, description="class-balanced cap on training images")
+    test_limit: int | None = Field(None, ge=10, description="class-balanced cap on test images")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _check_registry(v, DATASETS, "dataset")
+
+
+class TrainTeacherParams(Section):
+    arch: str = "resnet20"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return _check_registry(v, MODELS, "model")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    augment: bool = True
+    hflip: bool = True
+
+
+class DumpStatsParams(Section):
+    batch_size: int = Field(256, ge=1)
+
+
+class ScoreParams(Section):
+    discriminant: str = "symdiv"
+    n_coarse: int = Field(4, ge=1, description="coarse groups from spectral clustering")
+    coarse_blocks: int | None = Field(None, ge=0, description="T: blocks 1..T use coarse labels")
+    coarse_fraction: float = Field(0.52, ge=0, le=1, description="T = round(fraction * blocks) when unset")
+    coarse_map: list[int] | None = Field(None, description="explicit fine->coarse group ids")
+
+    @field_validator("discriminant")
+    @classmethod
+    def _known_discriminant(cls, v: str) -> str:
+        return _check_registry(v, DISCRIMINANTS, "discriminant")
+
+
+class PruneParams(Section):
+    budget: str = "uniform"
+    ratio: float = Field(0.53, ge=0, lt=1, description="uniform: fraction of channels removed per layer")
+    ratios: list[float] | None = Field(None, description="per_layer: one removal fraction per layer")
+
+    @field_validator("budget")
+    @classmethod
+    def _known_budget(cls, v: str) -> str:
+        return _check_registry(v, BUDGETS, "budget")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0 <= r < 1 for r in v):
+            raise ValueError(f"every ratio must be in [0, 1), got {v}")
+        return v
+
+
+class FitDcaParams(Section):
+    layer: str = Field("layer2", description="module path of the feature map (see the model's feature_layers)")
+    pool: int | None = Field(4, ge=1, description="average-pool the map to pool x pool before flattening")
+    labels: Literal["coarse", "fine"] = "coarse"
+    max_images: int | None = Field(10000, ge=10, description="class-balanced cap on fitting images")
+    batch_size: int = Field(256, ge=1)
+
+
+class DistillParams(Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    kd_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    dca_weight: float = Field(0.1, ge=0)
+    refit_every: int = Field(2, ge=1, description="refit the student's DCA basis every R epochs")
+    augment: bool = True
+    hflip: bool = True
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(512, ge=1)
+    bn_recalibration_batches: int = Field(100, ge=1)
+    latency_batch_sizes: list[int] = [1, 64]
+    latency_repeats: int = Field(30, ge=1)
+
+
+class Params(Section):
+    seed: int = 0
+    data: DataParams = DataParams()
+    train_teacher: TrainTeacherParams = TrainTeacherParams()
+    dump_stats: DumpStatsParams = DumpStatsParams()
+    score: ScoreParams = ScoreParams()
+    prune: PruneParams = PruneParams()
+    fit_dca: FitDcaParams = FitDcaParams()
+    distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    """A params file that does not match the schema; the message lists every bad key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            value = e.get("input")
+            lines.append(f"  {key}: {e['msg']} (got {value!r})")
+        raise ParamsError(f"invalid params in {path}:\n" + "\n".join(lines)) from None
+
+
+def _check_registry(value: str, registry: dict, what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(sorted(registry))}")
+    return value

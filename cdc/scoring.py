@@ -1,0 +1,36 @@
+"""Hierarchical channel scoring: coarse labels for the first T blocks, fine labels after (method §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdc.discriminants import get_discriminant
+from cdc.stats import LayerStats
+
+
+@dataclass
+class LayerScores:
+    layer: str
+    level: str  # "coarse" or "fine"
+    scores: np.ndarray  # one per channel
+
+
+def score_layers(
+    stats: dict[str, LayerStats],
+    discriminant: str,
+    fine_to_coarse: np.ndarray,
+    coarse_blocks: int,
+    seed: int,
+) -> list[LayerScores]:
+    """Score every channel of every layer (layers in forward order; block i is 1-based)."""
+    fn = get_discriminant(discriminant)
+    n_groups = int(fine_to_coarse.max()) + 1
+    out = []
+    for i, (name, st) in enumerate(stats.items()):
+        coarse = i + 1 <= coarse_blocks
+        labelled = st.grouped(fine_to_coarse, n_groups) if coarse else st
+        rng = np.random.default_rng([seed, i])
+        out.append(LayerScores(name, "coarse" if coarse else "fine", fn(labelled, rng)))
+    return out

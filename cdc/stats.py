@@ -1,0 +1,123 @@
+"""Per-layer, per-channel, per-class sufficient statistics of the scored activations (method §1).
+
+For layer l, channel c, class k: n_k (images), D_l = H*W (pixels per image), s1 = sum x, s2 = sum x^2,
+accumulated in float64 over all pixels of all images. Memory is O(layers x classes x channels),
+independent of the dataset size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdc.models import PrunableNet
+
+
+@dataclass
+class LayerStats:
+    """Sufficient statistics of one layer: arrays are (classes x channels) except `n` (classes)."""
+
+    n: np.ndarray  # int64, images per class
+    pixels: int  # D = H*W
+    s1: np.ndarray  # float64
+    s2: np.ndarray  # float64
+
+    def grouped(self, fine_to_group: np.ndarray, n_groups: int) -> LayerStats:
+        """Statistics over label groups (coarse classes): sums of the fine sums."""
+        onehot = np.zeros((n_groups, len(fine_to_group)))
+        onehot[fine_to_group, np.arange(len(fine_to_group))] = 1.0
+        return LayerStats(
+            (onehot @ self.n).astype(np.int64), self.pixels, onehot @ self.s1, onehot @ self.s2
+        )
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One-vs-rest statistics of the classes seen: (n_P, mu_P, var_P, mu_Q, var_Q).
+
+        `n_P` is images per class (classes x 1); the rest are classes x channels. Variances have no
+        Bessel correction; the rest Q is totals minus the class. Classes without images are dropped.
+        """
+        seen = self.n > 0
+        n_p = self.n[seen].astype(np.float64)[:, None]
+        s1, s2 = self.s1[seen], self.s2[seen]
+        count_p = n_p * self.pixels
+        count_q = count_p.sum() - count_p
+        s1_q, s2_q = s1.sum(0) - s1, s2.sum(0) - s2
+        mu_p, mu_q = s1 / count_p, s1_q / count_q
+        var_p = np.maximum(s2 / count_p - mu_p**2, 0.0)
+        var_q = np.maximum(s2_q / count_q - mu_q**2, 0.0)
+        return n_p, mu_p, var_p, mu_q, var_q
+
+
+class StatsCollector:
+    """Forward hooks on every prunable layer's activation that accumulate `LayerStats`.
+
+    Use as a context manager around forward passes; set `labels` before each batch.
+    """
+
+    def __init__(self, model: PrunableNet, num_classes: int) -> None:
+        self.model, self.num_classes = model, num_classes
+        self.labels: torch.Tensor | None = None
+        self.stats: dict[str, LayerStats] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):  # noqa: ANN202 - closure
+        def hook(_module: nn.Module, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
+            assert self.labels is not None, "set collector.labels before the forward pass"
+            x = out.detach().to(torch.float64)
+            onehot = torch.nn.functional.one_hot(self.labels, self.num_classes).to(torch.float64)
+            s1 = onehot.T @ x.sum((2, 3))
+            s2 = onehot.T @ x.square().sum((2, 3))
+            st = self.stats.get(name)
+            if st is None:
+                c = x.shape[1]
+                st = LayerStats(
+                    np.zeros(self.num_classes, np.int64),
+                    x.shape[2] * x.shape[3],
+                    np.zeros((self.num_classes, c)),
+                    np.zeros((self.num_classes, c)),
+                )
+                self.stats[name] = st
+            st.n += np.bincount(self.labels.numpy(), minlength=self.num_classes)
+            st.s1 += s1.numpy()
+            st.s2 += s2.numpy()
+
+        return hook
+
+    def __enter__(self) -> StatsCollector:
+        for layer in self.model.prunable_layers():
+            self._handles.append(layer.activation.register_forward_hook(self._hook(layer.name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def collect_stats(
+    model: PrunableNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+) -> dict[str, LayerStats]:
+    """One eval-mode pass; returns statistics keyed by prunable layer name, in forward order."""
+    model.eval()
+    with StatsCollector(model, num_classes) as collector, torch.no_grad():
+        for x, y in batches:
+            collector.labels = y
+            model(x)
+    return collector.stats
+
+
+def confusion_matrix(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+) -> np.ndarray:
+    """Counts[true, predicted] of an eval-mode pass."""
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    with torch.no_grad():
+        for x, y in batches:
+            pred = model(x).argmax(1)
+            np.add.at(cm, (y.numpy(), pred.numpy()), 1)
+    return cm

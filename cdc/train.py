@@ -1,0 +1,131 @@
+"""Training, evaluation, distillation and measurement loops: plain functions over batch iterables."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = True) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only, not on BN parameters or biases (method §6)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step schedule: linear warm-up, then cosine to zero. Short CPU budgets need no step decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+
+
+StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step_loss: StepLoss | None = None,
+) -> EpochResult:
+    """One epoch; `step_loss(x, y) -> (loss, logits)` replaces plain cross-entropy (distillation)."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        if step_loss is None:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        else:
+            loss, logits = step_loss(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches) -> EpochResult:
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's KD: T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
+    t = temperature
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(student_logits / t, 1),
+        nn.functional.log_softmax(teacher_logits / t, 1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, max_batches: int | None = None) -> None:
+    """Re-estimate BN running statistics as a cumulative average over training batches.
+
+    After channels are removed, the next layers see a different input distribution; fresh BN
+    statistics isolate the quality of the kept channels from stale normalization.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for i, (x, _) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        model(x)
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int, warmup: int = 3) -> float:
+    """Median wall time in milliseconds of one eval-mode forward pass of a batch."""
+    model.eval()
+    x = torch.randn(batch_size, *input_shape)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)

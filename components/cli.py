@@ -1,0 +1,135 @@
+"""`cdc`: one command per pipeline stage, plus `repro` (dvc repro under one MLflow pipeline run),
+`summary` and `dvc-yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from components.stages import STAGES, Stage, option
+
+log = logging.getLogger("cdc")
+DESCRIPTION = """Class-Discriminative Compression (CDC) of CNNs, one stage at a time.
+
+Stages in order: {stages}. Each reads its inputs and its params.yaml section(s) and writes only
+its outputs. `dvc repro` (or `cdc repro`, which also groups the stage runs under one MLflow run)
+runs what is out of date."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdc",
+        description=DESCRIPTION.format(stages=" -> ".join(s.name for s in STAGES)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
+        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        for name, path in stage.inputs.items():
+            p.add_argument(option(name), default=path, type=Path, help=f"input {name} (default: %(default)s)")
+        for name, path in stage.outputs.items():
+            p.add_argument(option(name), default=path, type=Path, help=f"output {name} (default: %(default)s)")
+        for flag, text in stage.flags.items():
+            p.add_argument(option(flag), action="store_true", help=text)
+        p.set_defaults(stage=stage)
+    rp = sub.add_parser(
+        "repro",
+        help="run `dvc repro` as one MLflow pipeline run with a nested run per stage, then print the summary",
+        description="Extra arguments are passed to `dvc repro` (e.g. `cdc repro -- --force`).",
+    )
+    rp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
+    sp = sub.add_parser("summary", help="print the teacher vs student table of the last evaluation")
+    sp.add_argument("--metrics", default="data/evaluate/metrics.json", type=Path)
+    sp.add_argument("--params", default="params.yaml")
+    sub.add_parser("dvc-yaml", help="print the dvc.yaml generated from the stage list")
+    return parser
+
+
+def run_stage(stage: Stage, args: argparse.Namespace) -> None:
+    from cdc.params import load_params
+    from components.tracking import stage_run
+
+    params = load_params(args.params)
+    inputs = {name: getattr(args, name) for name in stage.inputs}
+    outputs = {name: getattr(args, name) for name in stage.outputs}
+    for name, path in inputs.items():
+        if not path.exists():
+            raise FileNotFoundError(f"input {name} of stage {stage.name} not found: {path}")
+    section = {k: getattr(params, k) for k in stage.params}
+    logged = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in section.items()}
+    module = importlib.import_module(stage.module)
+    extra = {flag: getattr(args, flag) for flag in stage.flags}
+    with stage_run(stage.name, logged, inputs, outputs) as tracker:
+        module.run(params, inputs, outputs, tracker, **extra)
+
+
+def repro(dvc_args: list[str]) -> int:
+    from components.tracking import PARENT_ENV, git_commit, setup_mlflow, tracking_uri
+
+    mlflow = setup_mlflow()
+    args = [a for a in dvc_args if a != "--"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri())
+    with mlflow.start_run(run_name="pipeline", tags={"cdc.stage": "pipeline", "mlflow.source.git.commit": git_commit()}) as run:
+        env[PARENT_ENV] = run.info.run_id
+        log.info("MLflow pipeline run %s; running dvc repro %s", run.info.run_id, " ".join(args))
+        code = subprocess.call(["dvc", "repro", *args], env=env)
+        for path in ("dvc.lock", "params.yaml", "data/evaluate/metrics.json", "data/evaluate/report.md"):
+            if Path(path).exists():
+                mlflow.log_artifact(path)
+        if code != 0:
+            mlflow.set_tag("cdc.failed", "dvc repro exited with status %d" % code)
+            mlflow.end_run(status="FAILED")
+            return code
+    summary(Path("data/evaluate/metrics.json"), "params.yaml")
+    return 0
+
+
+def summary(metrics_path: Path, params_path: str) -> None:
+    from cdc.io import read_json
+    from cdc.params import load_params
+    from components.evaluate import summary_table
+
+    if not metrics_path.exists():
+        raise FileNotFoundError(f"{metrics_path} not found: run the pipeline first (`make run`)")
+    batch_sizes = load_params(params_path).evaluate.latency_batch_sizes
+    print(summary_table(read_json(metrics_path), batch_sizes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "repro":
+            return repro(args.dvc_args)
+        if args.command == "summary":
+            summary(args.metrics, args.params)
+            return 0
+        if args.command == "dvc-yaml":
+            import yaml
+
+            from components.stages import dvc_yaml
+
+            sys.stdout.write(GENERATED_HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=120))
+            return 0
+        run_stage(args.stage, args)
+        return 0
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        log.error("%s", err)
+        return 2
+
+
+GENERATED_HEADER = "# Generated from components/stages.py by `cdc dvc-yaml > dvc.yaml`; do not edit by hand.\n"
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Stage `distill`: fine-tune the pruned student with CE + KD + DCA feature loss (method §5).
+
+loss = CE(y, s) + kd_weight * T^2 KL(t/T || s/T) + dca_weight * mean((f_S W_S - f_T W_T)^2), with the
+teacher frozen in eval mode, W fixed within an epoch, and the student basis refitted every
+`refit_every` epochs (sign-aligned to the teacher's).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cdc.data import Split, load_prepared, stratified_subset
+from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
+from cdc.io import load_model, save_model, write_json
+from cdc.params import Params
+from cdc.train import evaluate, kd_loss, sgd, train_one_epoch, warmup_cosine
+from components.tracking import StageTracker
+from components.train_teacher import write_history
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+    p = params.distill
+    data = load_prepared(inputs["prepared"])
+    teacher, _ = load_model(inputs["teacher"])
+    student, record = load_model(inputs["pruned"])
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    with np.load(inputs["dca"], allow_pickle=False) as z:
+        dca = {k: z[k] for k in z.files}
+    layer, pool = str(dca["layer"]), int(dca["pool"]) or None
+    label_map = dca["label_map"]
+    w_t = torch.from_numpy(dca["w_teacher"]).float()
+    w_s = torch.from_numpy(dca["w_student"]).float()
+    fit_idx = stratified_subset(data.train.labels, int(dca["images"]), params.seed)
+    fit_split = Split(data.train.images[fit_idx], data.train.labels[fit_idx])
+
+    torch.manual_seed(params.seed)
+    train = data.batches("train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed)
+    val = data.batches("val", 512)
+    optimizer = sgd(student, p.lr, p.momentum, p.weight_decay)
+    scheduler = warmup_cosine(optimizer, p.epochs * len(train), 0)
+    parts: dict[str, float] = {}
+
+    with feature_tap(teacher, layer) as t_tap, feature_tap(student, layer) as s_tap:
+
+        def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                t_logits = teacher(x)
+                t_proj = pooled_features(t_tap["out"], pool) @ w_t
+            s_logits = student(x)
+            s_proj = pooled_features(s_tap["out"], pool) @ w_s
+            ce = nn.functional.cross_entropy(s_logits, y)
+            kd = kd_loss(s_logits, t_logits, p.temperature)
+            feat = (s_proj - t_proj).square().mean()
+            for name, value in (("ce", ce), ("kd", kd), ("dca", feat)):
+                parts[name] = parts.get(name, 0.0) + value.item() * len(y)
+            return ce + p.kd_weight * kd + p.dca_weight * feat, s_logits
+
+        history = []
+        for epoch in range(p.epochs):
+            if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
+                w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca)
+            parts.clear()
+            bar = tqdm(train, desc=f"distill epoch {epoch + 1}/{p.epochs}", leave=False, unit="batch")
+            tr = train_one_epoch(student, bar, optimizer, scheduler, step_loss)
+            va = evaluate(student, val)
+            n = len(data.train)
+            row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
+                   **{f"{k}_loss": v / n for k, v in parts.items()}, "val_loss": va.loss, "val_acc": va.accuracy}
+            history.append(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            log.info("distill epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy)
+
+    save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
+    write_history(outputs["history"], history)
+    write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
+
+
+def refit_student_basis(student, fit_split, data, layer, pool, label_map, dca) -> torch.Tensor:  # noqa: ANN001
+    """Refit the student's DCA basis on the fitting images and sign-align it to the teacher's."""
+    from cdc.data import Batches
+
+    batches = Batches(fit_split, data.meta["mean"], data.meta["std"], 256)
+    acc = accumulate_scatter(student, layer, pool, batches, label_map)
+    w = align_signs(fit_dca(acc), acc.centroids(), dca["w_teacher"], dca["centroids_teacher"])
+    student.train()
+    return torch.from_numpy(w).float()

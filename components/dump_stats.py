@@ -1,0 +1,35 @@
+"""Stage `dump_stats`: one pass of the training split through the teacher -> per-class channel statistics.
+
+Also writes the teacher's confusion matrix on the validation split, from which `score` derives the
+coarse classes. Schema of the Parquet file: see `cdc/stats_table.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cdc.data import load_prepared
+from cdc.io import atomic_path, load_model, write_json
+from cdc.params import Params
+from cdc.stats import collect_stats, confusion_matrix
+from cdc.stats_table import write_stats
+from components.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+    data = load_prepared(inputs["prepared"])
+    teacher, _ = load_model(inputs["teacher"])
+    batches = data.batches("train", params.dump_stats.batch_size)
+    stats = collect_stats(teacher, tqdm(batches, desc="activation statistics", unit="batch"), data.num_classes)
+    with atomic_path(outputs["stats"]) as tmp:
+        write_stats(tmp, stats)
+    cm = confusion_matrix(teacher, data.batches("val", params.dump_stats.batch_size), data.num_classes)
+    write_json(outputs["confusion"], {"split": "val", "classes": data.meta["classes"], "matrix": cm.tolist()})
+    val_acc = float(cm.trace() / cm.sum())
+    tracker.log_metrics({"layers": len(stats), "val_acc": val_acc})
+    log.info("statistics of %d layers over %d images; teacher val acc %.4f", len(stats), len(data.train), val_acc)

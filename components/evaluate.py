@@ -1,0 +1,149 @@
+"""Stage `evaluate`: test accuracy, FLOPs, params and CPU latency of teacher, pruned and student.
+
+"pruned" is the pruned model before fine-tuning with its BN statistics recalibrated on training data:
+the cleanest measure of which channels were kept. Writes DVC metrics JSON, a markdown report and
+PNG plots (DVC's own HTML plots need a CDN and do not render offline).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from cdc.data import load_prepared  # noqa: E402
+from cdc.flops import count_macs, count_params  # noqa: E402
+from cdc.io import atomic_path, load_model, read_json, write_json  # noqa: E402
+from cdc.params import Params  # noqa: E402
+from cdc.train import evaluate, measure_latency, recalibrate_bn  # noqa: E402
+from components.tracking import StageTracker  # noqa: E402
+
+log = logging.getLogger(__name__)
+MODELS = ("teacher", "pruned", "student")
+
+
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+    p = params.evaluate
+    torch.manual_seed(params.seed)
+    data = load_prepared(inputs["prepared"])
+    shape = data.input_shape
+    models = {name: load_model(inputs[name])[0] for name in MODELS}
+    recal = data.batches("train", 128, shuffle=True, seed=params.seed)
+    recalibrate_bn(models["pruned"], recal, p.bn_recalibration_batches)
+
+    metrics: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        m = {
+            "test_acc": evaluate(model, data.batches("test", p.batch_size)).accuracy,
+            "flops": count_macs(model, shape),
+            "params": count_params(model),
+        }
+        for bs in p.latency_batch_sizes:
+            m[f"latency_ms_b{bs}"] = measure_latency(model, shape, bs, p.latency_repeats)
+        metrics[name] = m
+        log.info("%s: %s", name, m)
+    t, s = metrics["teacher"], metrics["student"]
+    metrics["student_vs_teacher"] = {
+        "acc_drop_points": 100 * (t["test_acc"] - s["test_acc"]),
+        "flops_ratio": s["flops"] / t["flops"],
+        "params_ratio": s["params"] / t["params"],
+        **{f"speedup_b{bs}": t[f"latency_ms_b{bs}"] / s[f"latency_ms_b{bs}"] for bs in p.latency_batch_sizes},
+    }
+    write_json(outputs["metrics"], metrics)
+    tracker.log_metrics({f"{g}.{k}": v for g, d in metrics.items() for k, v in d.items()})
+
+    with atomic_path(outputs["plots"]) as tmp:
+        tmp.mkdir()
+        plot_curves(tmp / "training_curves.png", read_csv(inputs["teacher_history"]), read_csv(inputs["student_history"]))
+        plot_tradeoff(tmp / "accuracy_vs_flops.png", metrics)
+        plot_widths(tmp / "widths.png", read_json(inputs["prune_report"]))
+    with atomic_path(outputs["report"]) as tmp:
+        tmp.write_text(render_report(metrics, read_json(inputs["prune_report"]), p.latency_batch_sizes))
+
+
+def read_csv(path: Path) -> list[dict[str, float]]:
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) -> str:
+    """Markdown table: teacher vs pruned vs student."""
+    lat = [f"latency b{bs} (ms)" for bs in batch_sizes]
+    head = "| model | test acc (%) | MFLOPs (MACs) | params (k) | " + " | ".join(lat) + " |"
+    lines = [head, "|" + "---|" * (4 + len(lat))]
+    labels = {"teacher": "teacher", "pruned": "pruned, BN recal., no fine-tune", "student": "student (distilled)"}
+    for name in MODELS:
+        m = metrics[name]
+        cells = [labels[name], f"{100 * m['test_acc']:.2f}", f"{m['flops'] / 1e6:.2f}", f"{m['params'] / 1e3:.1f}"]
+        cells += [f"{m[f'latency_ms_b{bs}']:.2f}" for bs in batch_sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    r = metrics["student_vs_teacher"]
+    speed = ", ".join(f"{r[f'speedup_b{bs}']:.2f}x at batch {bs}" for bs in batch_sizes)
+    lines.append("")
+    lines.append(
+        f"Student vs teacher: {r['acc_drop_points']:+.2f} points accuracy drop, {100 * r['flops_ratio']:.1f}% of the "
+        f"FLOPs, {100 * r['params_ratio']:.1f}% of the params, measured speed-up {speed}."
+    )
+    return "\n".join(lines)
+
+
+def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> str:
+    widths = "\n".join(
+        f"| {n} | {a} | {b} |"
+        for n, a, b in zip(prune_report["layers"], prune_report["widths_before"], prune_report["widths_after"], strict=True)
+    )
+    return (
+        "# CDC evaluation report\n\n"
+        "FLOPs are multiply-accumulates of conv and linear layers for one image; latency is the median of "
+        "repeated CPU forward passes.\n\n"
+        f"{summary_table(metrics, batch_sizes)}\n\n"
+        f"## Pruned widths ({prune_report['budget']} budget)\n\n| layer | before | after |\n|---|---|---|\n{widths}\n\n"
+        "![training curves](plots/training_curves.png)\n![accuracy vs FLOPs](plots/accuracy_vs_flops.png)\n"
+        "![widths](plots/widths.png)\n"
+    )
+
+
+def plot_curves(path: Path, teacher: list[dict], student: list[dict]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in teacher], [100 * r["val_acc"] for r in teacher], "o-", label="teacher")
+    offset = teacher[-1]["epoch"] if teacher else 0
+    ax.plot([offset + r["epoch"] for r in student], [100 * r["val_acc"] for r in student], "s-", label="student (distill)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: Path, metrics: dict) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in MODELS:
+        ax.scatter(metrics[name]["flops"] / 1e6, 100 * metrics[name]["test_acc"], s=60, label=name)
+    ax.set_xlabel("MFLOPs (MACs)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_widths(path: Path, report: dict) -> None:
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(report["layers"])), 4))
+    x = range(len(report["layers"]))
+    ax.bar(x, report["widths_before"], label="teacher", alpha=0.5)
+    ax.bar(x, report["widths_after"], label="pruned", alpha=0.8)
+    ax.set_xticks(list(x), report["layers"], rotation=90, fontsize=7)
+    ax.set_ylabel("channels")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

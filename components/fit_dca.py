@@ -1,0 +1,54 @@
+"""Stage `fit_dca`: DCA bases of one intermediate layer for the teacher and the pruned student.
+
+Fitted on (a class-balanced cap of) the training split; the student's components are sign-aligned
+to the teacher's. Output `dca.npz`: w_teacher, w_student (d x L), centroids_teacher (L x d),
+label_map (fine class -> DCA label), layer, pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cdc.data import Split, load_prepared, stratified_subset
+from cdc.dca import accumulate_scatter, align_signs, fit_dca
+from cdc.io import atomic_path, load_model, read_json
+from cdc.params import Params
+from components.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+def label_map_for(level: str, groups_path: Path, num_classes: int) -> np.ndarray:
+    if level == "fine":
+        return np.arange(num_classes)
+    return np.asarray(read_json(groups_path)["fine_to_coarse"], np.int64)
+
+
+def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+    p = params.fit_dca
+    data = load_prepared(inputs["prepared"])
+    teacher, _ = load_model(inputs["teacher"])
+    student, _ = load_model(inputs["pruned"])
+    if p.layer not in teacher.feature_layers():
+        raise ValueError(f"fit_dca.layer={p.layer!r} is not a feature layer; choose from {teacher.feature_layers()}")
+    keep = stratified_subset(data.train.labels, p.max_images, params.seed)
+    data.train = Split(data.train.images[keep], data.train.labels[keep])
+    label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
+
+    def fit(model, who: str):  # noqa: ANN001, ANN202
+        batches = tqdm(data.batches("train", p.batch_size), desc=f"DCA features ({who})", unit="batch")
+        acc = accumulate_scatter(model, p.layer, p.pool, batches, label_map)
+        return fit_dca(acc), acc.centroids()
+
+    w_t, cent_t = fit(teacher, "teacher")
+    w_s, cent_s = fit(student, "student")
+    w_s = align_signs(w_s, cent_s, w_t, cent_t)
+    with atomic_path(outputs["dca"]) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, w_teacher=w_t, w_student=w_s, centroids_teacher=cent_t, label_map=label_map, images=len(keep),
+                 layer=np.array(p.layer), pool=np.array(p.pool or 0))
+    tracker.log_metrics({"feature_dim": w_t.shape[0], "components": w_t.shape[1], "images": len(keep)})
+    log.info("DCA at %s: %d features -> %d components, fitted on %d images", p.layer, w_t.shape[0], w_t.shape[1], len(keep))

@@ -1,0 +1,115 @@
+"""MLflow tracking for stages: one run per stage, nested under the pipeline run of `cdc repro`.
+
+Every run is tagged with the git commit and the md5 of each input and output, so a reviewer can tie an
+MLflow run to the `dvc.lock` entry that produced the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "CDC_PARENT_RUN_ID"
+EXPERIMENT_ENV = "CDC_EXPERIMENT"
+DEFAULT_EXPERIMENT = "cdc"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, or a SQLite file `mlflow.db` in the current directory (the repo root)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def setup_mlflow() -> Any:
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    if mlflow.get_experiment_by_name(name) is None:
+        artifact_location = None
+        if tracking_uri().startswith("sqlite:"):
+            artifact_location = (Path.cwd() / "mlartifacts").as_uri()
+        mlflow.create_experiment(name, artifact_location=artifact_location)
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def md5(path: str | Path) -> str:
+    """md5 of a file; of a directory, md5 over its sorted (relative path, file md5) pairs."""
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.md5()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}:{md5(f)}\n".encode())
+        return h.hexdigest()
+    h = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _flatten(prefix: str, obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: obj}
+
+
+class StageTracker:
+    """What a stage may log: per-step metrics and files. A thin wrapper so stages never import MLflow."""
+
+    def __init__(self, mlflow: Any) -> None:
+        self._mlflow = mlflow
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+
+@contextmanager
+def stage_run(
+    stage: str, params: dict[str, Any], inputs: dict[str, Path], outputs: dict[str, Path]
+) -> Iterator[StageTracker]:
+    mlflow = setup_mlflow()
+    parent = os.environ.get(PARENT_ENV) or None
+    tags = {"cdc.stage": stage, "mlflow.source.git.commit": git_commit()}
+    tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
+    tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
+        log.info("MLflow run %s (%s)", run.info.run_id, stage)
+        mlflow.log_params(_flatten("", params))
+        yield StageTracker(mlflow)
+        for name, path in outputs.items():
+            path = Path(path)
+            if not path.exists():
+                continue
+            mlflow.set_tag(f"cdc.output.{name}.md5", md5(path))
+            mlflow.set_tag(f"cdc.output.{name}.path", str(path))
+            if path.is_file() and path.stat().st_size < 50 * 2**20:
+                mlflow.log_artifact(str(path), artifact_path=name)
+            elif path.is_dir() and name != "checkpoints":
+                mlflow.log_artifacts(str(path), artifact_path=name)

@@ -1,0 +1,82 @@
+"""Stage `train_teacher`: SGD training of the full network with validation every epoch.
+
+The checkpoint of every epoch (model, optimizer, schedule) goes to the persistent `checkpoints`
+directory so `--resume` continues an interrupted run; the output model is the final epoch's.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cdc.data import load_prepared
+from cdc.io import atomic_path, save_model, write_json
+from cdc.models import build_model
+from cdc.params import Params
+from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
+from components.tracking import StageTracker
+
+log = logging.getLogger(__name__)
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(
+    params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker, resume: bool = False
+) -> None:
+    p = params.train_teacher
+    data = load_prepared(inputs["prepared"])
+    torch.manual_seed(params.seed)
+    model = build_model(p.arch, data.num_classes, data.input_shape[0])
+    train = data.batches("train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed)
+    val = data.batches("val", 512)
+    optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
+    scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))
+
+    ckpt_dir = outputs["checkpoints"]
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    last = ckpt_dir / "last.pt"
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume and last.exists():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start = state["history"], state["epoch"]
+        log.info("resumed from %s at epoch %d", last, start)
+    else:
+        for old in ckpt_dir.glob("*.pt"):
+            old.unlink()
+
+    for epoch in range(start, p.epochs):
+        bar = tqdm(train, desc=f"teacher epoch {epoch + 1}/{p.epochs}", leave=False, unit="batch")
+        tr = train_one_epoch(model, bar, optimizer, scheduler)
+        va = evaluate(model, val)
+        row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": va.loss,
+               "val_acc": va.accuracy, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        log.info("teacher epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": train.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch + 1}
+        with atomic_path(ckpt_dir / f"epoch_{epoch + 1:03d}.pt") as tmp:
+            torch.save(state, tmp)
+        with atomic_path(last) as tmp:
+            torch.save(state, tmp)
+
+    save_model(outputs["model"], model, p.arch, data.num_classes, data.input_shape[0])
+    write_history(outputs["history"], history)
+    write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
