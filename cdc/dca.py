@@ -80,7 +80,9 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     a = s_b + s_w + (rho + rho_prime) * np.eye(d)
     b = s_w + rho * np.eye(d)
     chol = np.linalg.cholesky(b)  # b = L L^T
-    inner = scipy.linalg.solve_triangular(chol, scipy.linalg.solve_triangular(chol, a, lower=True).T, lower=True)
+    inner = scipy.linalg.solve_triangular(
+        chol, scipy.linalg.solve_triangular(chol, a, lower=True).T, lower=True
+    )
     values, vectors = np.linalg.eigh((inner + inner.T) / 2)
     order = np.argsort(values)[::-1][:n_components]
     w = scipy.linalg.solve_triangular(chol.T, vectors[:, order], lower=False)

@@ -164,7 +164,11 @@ class VGG(PrunableNet):
                 continue
             c_out = out_widths[k]
             i = len(layers)
-            layers += [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+            ]
             if k < len(prunable):
                 self._prunable.append((f"features.{i}", f"features.{i}", f"features.{i + 2}"))
             c_in, k = c_out, k + 1

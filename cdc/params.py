@@ -40,6 +40,7 @@ class TrainTeacherParams(Section):
     @classmethod
     def _known_arch(cls, v: str) -> str:
         return _check_registry(v, MODELS, "model")
+
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
@@ -86,7 +87,9 @@ class PruneParams(Section):
 
 
 class FitDcaParams(Section):
-    layer: str = Field("layer2", description="module path of the feature map (see the model's feature_layers)")
+    layer: str = Field(
+        "layer2", description="module path of the feature map (see the model's feature_layers)"
+    )
     pool: int | None = Field(4, ge=1, description="average-pool the map to pool x pool before flattening")
     labels: Literal["coarse", "fine"] = "coarse"
     max_images: int | None = Field(10000, ge=10, description="class-balanced cap on fitting images")
@@ -94,15 +97,20 @@ class FitDcaParams(Section):
 
 
 class DistillParams(Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(
+        0.02, gt=0, description="low: a high lr wipes out the pruned weights"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     kd_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
     dca_weight: float = Field(0.1, ge=0)
     refit_every: int = Field(2, ge=1, description="refit the student's DCA basis every R epochs")
+    bn_recalibration_batches: int = Field(
+        100, ge=0, description="fresh BN stats first (0: off)"
+    )
     augment: bool = True
     hflip: bool = True
 

@@ -30,9 +30,7 @@ class LayerStats:
         """Statistics over label groups (coarse classes): sums of the fine sums."""
         onehot = np.zeros((n_groups, len(fine_to_group)))
         onehot[fine_to_group, np.arange(len(fine_to_group))] = 1.0
-        return LayerStats(
-            (onehot @ self.n).astype(np.int64), self.pixels, onehot @ self.s1, onehot @ self.s2
-        )
+        return LayerStats((onehot @ self.n).astype(np.int64), self.pixels, onehot @ self.s1, onehot @ self.s2)
 
     def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One-vs-rest statistics of the classes seen: (n_P, mu_P, var_P, mu_Q, var_Q).

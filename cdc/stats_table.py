@@ -60,7 +60,10 @@ def table_to_stats(table: pa.Table) -> dict[str, LayerStats]:
         k, c = g["class"].max() + 1, g["channel"].max() + 1
         n = g.drop_duplicates("class").sort_values("class")["n_images"].to_numpy(np.int64)
         stats[g["layer"].iloc[0]] = LayerStats(
-            n, int(g["pixels_per_image"].iloc[0]), g["sum"].to_numpy().reshape(k, c), g["sum_sq"].to_numpy().reshape(k, c)
+            n,
+            int(g["pixels_per_image"].iloc[0]),
+            g["sum"].to_numpy().reshape(k, c),
+            g["sum_sq"].to_numpy().reshape(k, c),
         )
     return stats
 

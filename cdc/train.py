@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+BatchIterable = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = True) -> torch.optim.SGD:
+def sgd(
+    model: nn.Module, lr: float, momentum: float, weight_decay: float, nesterov: bool = True
+) -> torch.optim.SGD:
     """SGD with weight decay on conv/linear weights only, not on BN parameters or biases (method §6)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
@@ -22,7 +24,9 @@ def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float, neste
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule: linear warm-up, then cosine to zero. Short CPU budgets need no step decay."""
 
     def factor(step: int) -> float:
@@ -45,7 +49,7 @@ StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 
 def train_one_epoch(
     model: nn.Module,
-    batches: Batches,
+    batches: BatchIterable,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step_loss: StepLoss | None = None,
@@ -72,7 +76,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches) -> EpochResult:
+def evaluate(model: nn.Module, batches: BatchIterable) -> EpochResult:
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
     for x, y in batches:
@@ -95,7 +99,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches, max_batches: int | None = None) -> None:
+def recalibrate_bn(model: nn.Module, batches: BatchIterable, max_batches: int | None = None) -> None:
     """Re-estimate BN running statistics as a cumulative average over training batches.
 
     After channels are removed, the next layers see a different input distribution; fresh BN
@@ -117,7 +121,9 @@ def recalibrate_bn(model: nn.Module, batches: Batches, max_batches: int | None =
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int, warmup: int = 3) -> float:
+def measure_latency(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int, warmup: int = 3
+) -> float:
     """Median wall time in milliseconds of one eval-mode forward pass of a batch."""
     model.eval()
     x = torch.randn(batch_size, *input_shape)

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         for name, path in stage.inputs.items():
             p.add_argument(option(name), default=path, type=Path, help=f"input {name} (default: %(default)s)")
         for name, path in stage.outputs.items():
-            p.add_argument(option(name), default=path, type=Path, help=f"output {name} (default: %(default)s)")
+            p.add_argument(
+                option(name), default=path, type=Path, help=f"output {name} (default: %(default)s)"
+            )
         for flag, text in stage.flags.items():
             p.add_argument(option(flag), action="store_true", help=text)
         p.set_defaults(stage=stage)
@@ -76,7 +78,9 @@ def repro(dvc_args: list[str]) -> int:
     mlflow = setup_mlflow()
     args = [a for a in dvc_args if a != "--"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri())
-    with mlflow.start_run(run_name="pipeline", tags={"cdc.stage": "pipeline", "mlflow.source.git.commit": git_commit()}) as run:
+    with mlflow.start_run(
+        run_name="pipeline", tags={"cdc.stage": "pipeline", "mlflow.source.git.commit": git_commit()}
+    ) as run:
         env[PARENT_ENV] = run.info.run_id
         log.info("MLflow pipeline run %s; running dvc repro %s", run.info.run_id, " ".join(args))
         code = subprocess.call(["dvc", "repro", *args], env=env)
@@ -84,7 +88,7 @@ def repro(dvc_args: list[str]) -> int:
             if Path(path).exists():
                 mlflow.log_artifact(path)
         if code != 0:
-            mlflow.set_tag("cdc.failed", "dvc repro exited with status %d" % code)
+            mlflow.set_tag("cdc.failed", f"dvc repro exited with status {code}")
             mlflow.end_run(status="FAILED")
             return code
     summary(Path("data/evaluate/metrics.json"), "params.yaml")
@@ -129,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-GENERATED_HEADER = "# Generated from components/stages.py by `cdc dvc-yaml > dvc.yaml`; do not edit by hand.\n"
+GENERATED_HEADER = (
+    "# Generated from components/stages.py by `cdc dvc-yaml > dvc.yaml`; do not edit by hand.\n"
+)
 
 if __name__ == "__main__":
     sys.exit(main())

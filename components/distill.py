@@ -19,7 +19,7 @@ from cdc.data import Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
 from cdc.io import load_model, save_model, write_json
 from cdc.params import Params
-from cdc.train import evaluate, kd_loss, sgd, train_one_epoch, warmup_cosine
+from cdc.train import evaluate, kd_loss, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
 from components.tracking import StageTracker
 from components.train_teacher import write_history
 
@@ -43,7 +43,12 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     fit_split = Split(data.train.images[fit_idx], data.train.labels[fit_idx])
 
     torch.manual_seed(params.seed)
-    train = data.batches("train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed)
+    if p.bn_recalibration_batches:  # removed channels shift the next layers' inputs: fresh BN stats first
+        recal = data.batches("train", p.batch_size, shuffle=True, seed=params.seed + 1)
+        recalibrate_bn(student, recal, p.bn_recalibration_batches)
+    train = data.batches(
+        "train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed
+    )
     val = data.batches("val", 512)
     optimizer = sgd(student, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), 0)
@@ -73,11 +78,23 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             tr = train_one_epoch(student, bar, optimizer, scheduler, step_loss)
             va = evaluate(student, val)
             n = len(data.train)
-            row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy,
-                   **{f"{k}_loss": v / n for k, v in parts.items()}, "val_loss": va.loss, "val_acc": va.accuracy}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": tr.loss,
+                "train_acc": tr.accuracy,
+                **{f"{k}_loss": v / n for k, v in parts.items()},
+                "val_loss": va.loss,
+                "val_acc": va.accuracy,
+            }
             history.append(row)
             tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            log.info("distill epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy)
+            log.info(
+                "distill epoch %d/%d: train acc %.4f, val acc %.4f",
+                epoch + 1,
+                p.epochs,
+                tr.accuracy,
+                va.accuracy,
+            )
 
     save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
     write_history(outputs["history"], history)

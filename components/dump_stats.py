@@ -25,11 +25,15 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     data = load_prepared(inputs["prepared"])
     teacher, _ = load_model(inputs["teacher"])
     batches = data.batches("train", params.dump_stats.batch_size)
-    stats = collect_stats(teacher, tqdm(batches, desc="activation statistics", unit="batch"), data.num_classes)
+    stats = collect_stats(
+        teacher, tqdm(batches, desc="activation statistics", unit="batch"), data.num_classes
+    )
     with atomic_path(outputs["stats"]) as tmp:
         write_stats(tmp, stats)
     cm = confusion_matrix(teacher, data.batches("val", params.dump_stats.batch_size), data.num_classes)
     write_json(outputs["confusion"], {"split": "val", "classes": data.meta["classes"], "matrix": cm.tolist()})
     val_acc = float(cm.trace() / cm.sum())
     tracker.log_metrics({"layers": len(stats), "val_acc": val_acc})
-    log.info("statistics of %d layers over %d images; teacher val acc %.4f", len(stats), len(data.train), val_acc)
+    log.info(
+        "statistics of %d layers over %d images; teacher val acc %.4f", len(stats), len(data.train), val_acc
+    )

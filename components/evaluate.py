@@ -60,7 +60,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
 
     with atomic_path(outputs["plots"]) as tmp:
         tmp.mkdir()
-        plot_curves(tmp / "training_curves.png", read_csv(inputs["teacher_history"]), read_csv(inputs["student_history"]))
+        plot_curves(
+            tmp / "training_curves.png",
+            read_csv(inputs["teacher_history"]),
+            read_csv(inputs["student_history"]),
+        )
         plot_tradeoff(tmp / "accuracy_vs_flops.png", metrics)
         plot_widths(tmp / "widths.png", read_json(inputs["prune_report"]))
     with atomic_path(outputs["report"]) as tmp:
@@ -77,17 +81,27 @@ def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) 
     lat = [f"latency b{bs} (ms)" for bs in batch_sizes]
     head = "| model | test acc (%) | MFLOPs (MACs) | params (k) | " + " | ".join(lat) + " |"
     lines = [head, "|" + "---|" * (4 + len(lat))]
-    labels = {"teacher": "teacher", "pruned": "pruned, BN recal., no fine-tune", "student": "student (distilled)"}
+    labels = {
+        "teacher": "teacher",
+        "pruned": "pruned, BN recal., no fine-tune",
+        "student": "student (distilled)",
+    }
     for name in MODELS:
         m = metrics[name]
-        cells = [labels[name], f"{100 * m['test_acc']:.2f}", f"{m['flops'] / 1e6:.2f}", f"{m['params'] / 1e3:.1f}"]
+        cells = [
+            labels[name],
+            f"{100 * m['test_acc']:.2f}",
+            f"{m['flops'] / 1e6:.2f}",
+            f"{m['params'] / 1e3:.1f}",
+        ]
         cells += [f"{m[f'latency_ms_b{bs}']:.2f}" for bs in batch_sizes]
         lines.append("| " + " | ".join(cells) + " |")
     r = metrics["student_vs_teacher"]
     speed = ", ".join(f"{r[f'speedup_b{bs}']:.2f}x at batch {bs}" for bs in batch_sizes)
     lines.append("")
     lines.append(
-        f"Student vs teacher: {r['acc_drop_points']:+.2f} points accuracy drop, {100 * r['flops_ratio']:.1f}% of the "
+        f"Student vs teacher: {r['acc_drop_points']:+.2f} points accuracy drop, "
+        f"{100 * r['flops_ratio']:.1f}% of the "
         f"FLOPs, {100 * r['params_ratio']:.1f}% of the params, measured speed-up {speed}."
     )
     return "\n".join(lines)
@@ -96,14 +110,17 @@ def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) 
 def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> str:
     widths = "\n".join(
         f"| {n} | {a} | {b} |"
-        for n, a, b in zip(prune_report["layers"], prune_report["widths_before"], prune_report["widths_after"], strict=True)
+        for n, a, b in zip(
+            prune_report["layers"], prune_report["widths_before"], prune_report["widths_after"], strict=True
+        )
     )
     return (
         "# CDC evaluation report\n\n"
         "FLOPs are multiply-accumulates of conv and linear layers for one image; latency is the median of "
         "repeated CPU forward passes.\n\n"
         f"{summary_table(metrics, batch_sizes)}\n\n"
-        f"## Pruned widths ({prune_report['budget']} budget)\n\n| layer | before | after |\n|---|---|---|\n{widths}\n\n"
+        f"## Pruned widths ({prune_report['budget']} budget)\n\n"
+        f"| layer | before | after |\n|---|---|---|\n{widths}\n\n"
         "![training curves](plots/training_curves.png)\n![accuracy vs FLOPs](plots/accuracy_vs_flops.png)\n"
         "![widths](plots/widths.png)\n"
     )
@@ -113,7 +130,12 @@ def plot_curves(path: Path, teacher: list[dict], student: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["epoch"] for r in teacher], [100 * r["val_acc"] for r in teacher], "o-", label="teacher")
     offset = teacher[-1]["epoch"] if teacher else 0
-    ax.plot([offset + r["epoch"] for r in student], [100 * r["val_acc"] for r in student], "s-", label="student (distill)")
+    ax.plot(
+        [offset + r["epoch"] for r in student],
+        [100 * r["val_acc"] for r in student],
+        "s-",
+        label="student (distill)",
+    )
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)

@@ -34,7 +34,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     teacher, _ = load_model(inputs["teacher"])
     student, _ = load_model(inputs["pruned"])
     if p.layer not in teacher.feature_layers():
-        raise ValueError(f"fit_dca.layer={p.layer!r} is not a feature layer; choose from {teacher.feature_layers()}")
+        raise ValueError(
+            f"fit_dca.layer={p.layer!r} is not a feature layer; choose from {teacher.feature_layers()}"
+        )
     keep = stratified_subset(data.train.labels, p.max_images, params.seed)
     data.train = Split(data.train.images[keep], data.train.labels[keep])
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
@@ -48,7 +50,21 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     w_s, cent_s = fit(student, "student")
     w_s = align_signs(w_s, cent_s, w_t, cent_t)
     with atomic_path(outputs["dca"]) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, w_teacher=w_t, w_student=w_s, centroids_teacher=cent_t, label_map=label_map, images=len(keep),
-                 layer=np.array(p.layer), pool=np.array(p.pool or 0))
+        np.savez(
+            fh,
+            w_teacher=w_t,
+            w_student=w_s,
+            centroids_teacher=cent_t,
+            label_map=label_map,
+            images=len(keep),
+            layer=np.array(p.layer),
+            pool=np.array(p.pool or 0),
+        )
     tracker.log_metrics({"feature_dim": w_t.shape[0], "components": w_t.shape[1], "images": len(keep)})
-    log.info("DCA at %s: %d features -> %d components, fitted on %d images", p.layer, w_t.shape[0], w_t.shape[1], len(keep))
+    log.info(
+        "DCA at %s: %d features -> %d components, fitted on %d images",
+        p.layer,
+        w_t.shape[0],
+        w_t.shape[1],
+        len(keep),
+    )

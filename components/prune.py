@@ -27,7 +27,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     layers = model.prunable_layers()
     names = [layer.name for layer in layers]
     if sorted(scores["layer"].unique()) != sorted(names):
-        raise ValueError(f"{inputs['scores']} scores layers {sorted(scores['layer'].unique())}, model has {names}")
+        raise ValueError(
+            f"{inputs['scores']} scores layers {sorted(scores['layer'].unique())}, model has {names}"
+        )
     widths_before = model.widths()
     keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump())
     removals = {}
@@ -52,7 +54,12 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "params_ratio": after["params"] / before["params"],
     }
     write_json(outputs["report"], report)
-    tracker.log_metrics({k: report[k] for k in ("flops_before", "flops_after", "flops_ratio", "params_ratio")})
-    log.info("pruned to %.1f%% of FLOPs, %.1f%% of params; widths %s",
-             100 * report["flops_ratio"], 100 * report["params_ratio"], model.widths())
-
+    tracker.log_metrics(
+        {k: report[k] for k in ("flops_before", "flops_after", "flops_ratio", "params_ratio")}
+    )
+    log.info(
+        "pruned to %.1f%% of FLOPs, %.1f%% of params; widths %s",
+        100 * report["flops_ratio"],
+        100 * report["params_ratio"],
+        model.widths(),
+    )

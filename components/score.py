@@ -31,7 +31,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     if p.coarse_map is not None:
         if len(p.coarse_map) != len(classes) or min(p.coarse_map) < 0:
             raise ValueError(
-                f"score.coarse_map must give a group id >= 0 for each of the {len(classes)} classes, got {p.coarse_map}"
+                f"score.coarse_map must give a group id >= 0 for each of the {len(classes)} classes, "
+                f"got {p.coarse_map}"
             )
         fine_to_coarse, source = np.asarray(p.coarse_map, np.int64), "params"
     else:
@@ -52,9 +53,19 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         pq.write_table(pa.table(rows), tmp)
     n_groups = int(fine_to_coarse.max()) + 1
     groups = [[classes[k] for k in np.flatnonzero(fine_to_coarse == g)] for g in range(n_groups)]
-    write_json(outputs["groups"], {
-        "fine_to_coarse": fine_to_coarse.tolist(), "n_groups": n_groups, "groups": groups, "source": source,
-        "coarse_blocks": t, "layers": len(stats), "discriminant": p.discriminant,
-    })
+    write_json(
+        outputs["groups"],
+        {
+            "fine_to_coarse": fine_to_coarse.tolist(),
+            "n_groups": n_groups,
+            "groups": groups,
+            "source": source,
+            "coarse_blocks": t,
+            "layers": len(stats),
+            "discriminant": p.discriminant,
+        },
+    )
     tracker.log_metrics({"coarse_blocks": t, "n_groups": n_groups})
-    log.info("scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.discriminant, t, groups)
+    log.info(
+        "scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.discriminant, t, groups
+    )

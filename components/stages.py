@@ -78,7 +78,12 @@ STAGES: list[Stage] = [
     Stage(
         "fit_dca",
         "Fit sign-aligned DCA bases of an intermediate layer for the teacher and the pruned student.",
-        inputs={"prepared": PREPARED, "teacher": TEACHER, "pruned": PRUNED, "groups": "data/score/groups.json"},
+        inputs={
+            "prepared": PREPARED,
+            "teacher": TEACHER,
+            "pruned": PRUNED,
+            "groups": "data/score/groups.json",
+        },
         outputs={"dca": "data/dca/dca.npz"},
         params=("seed", "fit_dca"),
     ),
@@ -107,8 +112,11 @@ STAGES: list[Stage] = [
             "student_history": "data/student/history.csv",
             "prune_report": "data/prune/report.json",
         },
-        outputs={"metrics": "data/evaluate/metrics.json", "report": "data/evaluate/report.md",
-                 "plots": "data/evaluate/plots"},
+        outputs={
+            "metrics": "data/evaluate/metrics.json",
+            "report": "data/evaluate/report.md",
+            "plots": "data/evaluate/plots",
+        },
         params=("seed", "evaluate"),
         metrics=("metrics",),
     ),
@@ -138,8 +146,12 @@ def dvc_yaml() -> dict:
             outs.append(path)
         for name in s.persist:
             outs.append({s.outputs[name]: {"persist": True, "cache": False}})
-        entry: dict = {"cmd": command(s), "deps": sorted(set(s.inputs.values())), "params": list(s.params),
-                       "outs": outs}
+        entry: dict = {
+            "cmd": command(s),
+            "deps": sorted(set(s.inputs.values())),
+            "params": list(s.params),
+            "outs": outs,
+        }
         if s.metrics:
             entry["metrics"] = [{s.outputs[n]: {"cache": False}} for n in s.metrics]
         stages[s.name] = entry

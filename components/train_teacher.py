@@ -31,13 +31,19 @@ def write_history(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def run(
-    params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker, resume: bool = False
+    params: Params,
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    tracker: StageTracker,
+    resume: bool = False,
 ) -> None:
     p = params.train_teacher
     data = load_prepared(inputs["prepared"])
     torch.manual_seed(params.seed)
     model = build_model(p.arch, data.num_classes, data.input_shape[0])
-    train = data.batches("train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed)
+    train = data.batches(
+        "train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed
+    )
     val = data.batches("val", 512)
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))
@@ -64,14 +70,28 @@ def run(
         bar = tqdm(train, desc=f"teacher epoch {epoch + 1}/{p.epochs}", leave=False, unit="batch")
         tr = train_one_epoch(model, bar, optimizer, scheduler)
         va = evaluate(model, val)
-        row = {"epoch": epoch + 1, "train_loss": tr.loss, "train_acc": tr.accuracy, "val_loss": va.loss,
-               "val_acc": va.accuracy, "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": tr.loss,
+            "train_acc": tr.accuracy,
+            "val_loss": va.loss,
+            "val_acc": va.accuracy,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         history.append(row)
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log.info("teacher epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "generator": train.generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "history": history, "epoch": epoch + 1}
+        log.info(
+            "teacher epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy
+        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": train.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+            "epoch": epoch + 1,
+        }
         with atomic_path(ckpt_dir / f"epoch_{epoch + 1:03d}.pt") as tmp:
             torch.save(state, tmp)
         with atomic_path(last) as tmp:

@@ -1,0 +1,42 @@
+"""Shared fixtures: a few hundred real Fashion-MNIST images and small models, all on CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdc.data import Batches, Split, channel_mean_std, load_raw, stratified_subset
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = Path(os.environ.get("CDC_RAW_ROOT", REPO / "data" / "raw"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def fmnist() -> tuple[Split, Split]:
+    """(train, test) of the real Fashion-MNIST; `make data` puts it under data/raw."""
+    raw = load_raw("fashion_mnist", RAW)
+    return raw.train, raw.test
+
+
+@pytest.fixture(scope="session")
+def small_split(fmnist: tuple[Split, Split]) -> Split:
+    """300 class-balanced training images."""
+    train, _ = fmnist
+    idx = stratified_subset(train.labels, 300, seed=0)
+    return Split(train.images[idx], train.labels[idx])
+
+
+def batches(split: Split, batch_size: int = 64, **kwargs: object) -> Batches:
+    mean, std = channel_mean_std(split.images)
+    return Batches(split, mean, std, batch_size, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

@@ -1,0 +1,148 @@
+"""End to end: the real `dvc repro` over every stage in a temporary git + DVC copy of the repository,
+with a tiny params profile, tracked in a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdc.params import Params
+from components.stages import STAGES
+from tests.conftest import RAW, REPO
+
+TINY = {
+    "seed": 0,
+    "data": {"train_limit": 600, "test_limit": 200, "val_size": 100},
+    "train_teacher": {"epochs": 1, "batch_size": 64},
+    "score": {"n_coarse": 3},
+    "fit_dca": {"max_images": 200},
+    "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1},
+    "evaluate": {"bn_recalibration_batches": 3, "latency_repeats": 3},
+}
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([a-z_]+)'", output)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    ws = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ws / rel)
+    shutil.copytree(RAW / "FashionMNIST", ws / "data" / "raw" / "FashionMNIST")
+    # DVC needs every section a stage names: the tiny profile over the schema defaults
+    (ws / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    _run(["git", "init", "-q"], ws, env)
+    if not (ws / ".dvc").exists():
+        _run(["dvc", "init", "-q"], ws, env)
+    _run(["git", "add", "-A"], ws, env)
+    _run(["git", "commit", "-qm", "tiny"], ws, env)
+    return ws, env
+
+
+@pytest.fixture(scope="module")
+def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
+    ws, env = workspace
+    return _run(["cdc", "repro"], ws, env)
+
+
+def test_repro_runs_every_stage_and_writes_every_output(workspace, first_repro):
+    ws, _ = workspace
+    assert _stages_run(first_repro) == [s.name for s in STAGES]
+    for stage in STAGES:
+        for path in stage.outputs.values():
+            assert (ws / path).exists(), f"{stage.name} did not write {path}"
+    assert "| student (distilled) |" in first_repro  # the summary table is printed
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert list(lock["stages"]) == [s.name for s in STAGES]
+
+
+def test_mlflow_holds_a_pipeline_run_with_a_nested_run_per_stage(workspace, first_repro):
+    ws, env = workspace
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cdc")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("cdc.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["cdc.stage"] for r in children) == sorted(s.name for s in STAGES)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    compared = 0
+    for run in children:
+        stage = run.data.tags["cdc.stage"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.source.git.commit"].startswith(head)
+        assert any(k.startswith("cdc.input.") and k.endswith(".md5") for k in run.data.tags)
+        assert run.data.params, f"{stage} logged no params"
+        # every cached file output's md5 is the one dvc.lock recorded: MLflow and DVC agree on lineage
+        for out in lock["stages"][stage].get("outs", []):
+            name = next(
+                k for k, v in next(s for s in STAGES if s.name == stage).outputs.items() if v == out["path"]
+            )
+            if (
+                out["path"].endswith("/")
+                or "nfiles" in out
+                or "md5" not in out
+                or out["md5"].endswith(".dir")
+            ):
+                continue
+            assert run.data.tags[f"cdc.output.{name}.md5"] == out["md5"], (stage, name)
+            compared += 1
+    assert compared >= 10
+    teacher = next(r for r in children if r.data.tags["cdc.stage"] == "train_teacher")
+    history = client.get_metric_history(teacher.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1]
+
+
+def test_second_repro_reruns_nothing(workspace, first_repro):
+    ws, env = workspace
+    out = _run(["dvc", "repro"], ws, env)
+    assert _stages_run(out) == []
+
+
+def test_changing_a_distillation_param_reruns_only_distill_and_evaluate(workspace, first_repro):
+    ws, env = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["distill"]["temperature"] = 2.0
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    out = _run(["dvc", "repro"], ws, env)
+    assert _stages_run(out) == ["distill", "evaluate"]

@@ -1,0 +1,64 @@
+"""The params schema and the single stage list: errors that name the key, and dvc.yaml in step."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cdc.params import Params, ParamsError, load_params
+from components.cli import build_parser
+from components.stages import STAGES, dvc_yaml
+from tests.conftest import REPO
+
+
+def test_committed_params_are_the_schema_defaults():
+    """params.yaml documents every knob; its values are the schema's defaults (one source of truth)."""
+    assert load_params(REPO / "params.yaml") == Params()
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(committed) == set(Params.model_fields)
+    for section, fields in committed.items():
+        if isinstance(fields, dict):
+            assert set(fields) == set(type(getattr(Params(), section)).model_fields), section
+
+
+def test_bad_params_name_the_key_value_and_allowed(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "prune:\n  ratio: 1.5\n  budget: magic\nscore:\n  discriminant: nope\ndistill:\n  typo: 1\n"
+    )
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "prune.ratio" in message and "1.5" in message and "less than 1" in message
+    assert "prune.budget" in message and "'magic'" in message and "uniform" in message
+    assert "score.discriminant" in message and "symdiv" in message
+    assert "distill.typo" in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_dvc_yaml_describes_the_stage_list():
+    committed = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert committed == dvc_yaml(), "dvc.yaml is stale: run `make dvc-yaml`"
+    assert list(committed["stages"]) == [s.name for s in STAGES]
+
+
+def test_stage_graph_is_a_chain_of_declared_outputs():
+    """Every input is the raw data or an output of an earlier stage (data flows one way)."""
+    produced = {"data/raw"}
+    for stage in STAGES:
+        for name, path in stage.inputs.items():
+            assert path in produced, f"{stage.name}.{name} ({path}) is produced by no earlier stage"
+        produced |= set(stage.outputs.values())
+        assert set(stage.params) <= set(Params.model_fields)
+
+
+def test_cli_has_a_command_per_stage_with_its_paths():
+    parser = build_parser()
+    for stage in STAGES:
+        args = parser.parse_args([stage.name])
+        for name, path in {**stage.inputs, **stage.outputs}.items():
+            assert str(getattr(args, name)) == path
