@@ -99,18 +99,14 @@ class FitDcaParams(Section):
 class DistillParams(Section):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(
-        0.02, gt=0, description="low: a high lr wipes out the pruned weights"
-    )
+    lr: float = Field(0.02, gt=0, description="low: a high lr wipes out the pruned weights")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     kd_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0)
     dca_weight: float = Field(0.1, ge=0)
     refit_every: int = Field(2, ge=1, description="refit the student's DCA basis every R epochs")
-    bn_recalibration_batches: int = Field(
-        100, ge=0, description="fresh BN stats first (0: off)"
-    )
+    bn_recalibration_batches: int = Field(100, ge=0, description="fresh BN stats first (0: off)")
     augment: bool = True
     hflip: bool = True
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from cdc.data import Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
 from cdc.io import load_model, save_model, write_json
 from cdc.params import Params
 from cdc.train import evaluate, kd_loss, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
+from components.progress import progress
 from components.tracking import StageTracker
 from components.train_teacher import write_history
 
@@ -74,7 +74,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
                 w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca)
             parts.clear()
-            bar = tqdm(train, desc=f"distill epoch {epoch + 1}/{p.epochs}", leave=False, unit="batch")
+            bar = progress(train, f"distill epoch {epoch + 1}/{p.epochs}")
             tr = train_one_epoch(student, bar, optimizer, scheduler, step_loss)
             va = evaluate(student, val)
             n = len(data.train)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cdc.data import load_prepared
 from cdc.io import atomic_path, load_model, write_json
 from cdc.params import Params
 from cdc.stats import collect_stats, confusion_matrix
 from cdc.stats_table import write_stats
+from components.progress import progress
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -25,9 +24,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     data = load_prepared(inputs["prepared"])
     teacher, _ = load_model(inputs["teacher"])
     batches = data.batches("train", params.dump_stats.batch_size)
-    stats = collect_stats(
-        teacher, tqdm(batches, desc="activation statistics", unit="batch"), data.num_classes
-    )
+    stats = collect_stats(teacher, progress(batches, "activation statistics"), data.num_classes)
     with atomic_path(outputs["stats"]) as tmp:
         write_stats(tmp, stats)
     cm = confusion_matrix(teacher, data.batches("val", params.dump_stats.batch_size), data.num_classes)

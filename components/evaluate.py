@@ -100,7 +100,7 @@ def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) 
     speed = ", ".join(f"{r[f'speedup_b{bs}']:.2f}x at batch {bs}" for bs in batch_sizes)
     lines.append("")
     lines.append(
-        f"Student vs teacher: {r['acc_drop_points']:+.2f} points accuracy drop, "
+        f"Student vs teacher: {-r['acc_drop_points']:+.2f} points of test accuracy, "
         f"{100 * r['flops_ratio']:.1f}% of the "
         f"FLOPs, {100 * r['params_ratio']:.1f}% of the params, measured speed-up {speed}."
     )

@@ -11,12 +11,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from cdc.data import Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, fit_dca
 from cdc.io import atomic_path, load_model, read_json
 from cdc.params import Params
+from components.progress import progress
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
 
     def fit(model, who: str):  # noqa: ANN001, ANN202
-        batches = tqdm(data.batches("train", p.batch_size), desc=f"DCA features ({who})", unit="batch")
+        batches = progress(data.batches("train", p.batch_size), f"DCA features ({who})")
         acc = accumulate_scatter(model, p.layer, p.pool, batches, label_map)
         return fit_dca(acc), acc.centroids()
 

@@ -11,13 +11,13 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from cdc.data import load_prepared
 from cdc.io import atomic_path, save_model, write_json
 from cdc.models import build_model
 from cdc.params import Params
 from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
+from components.progress import progress
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def run(
             old.unlink()
 
     for epoch in range(start, p.epochs):
-        bar = tqdm(train, desc=f"teacher epoch {epoch + 1}/{p.epochs}", leave=False, unit="batch")
+        bar = progress(train, f"teacher epoch {epoch + 1}/{p.epochs}")
         tr = train_one_epoch(model, bar, optimizer, scheduler)
         va = evaluate(model, val)
         row = {

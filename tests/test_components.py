@@ -1,0 +1,80 @@
+"""Stage components through the real CLI (real MLflow on a temporary SQLite store)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cdc.params import Params
+from components.cli import main
+from tests.conftest import RAW
+
+TINY = {
+    "data": {"train_limit": 300, "test_limit": 100, "val_size": 60},
+    "train_teacher": {"epochs": 2, "batch_size": 64},
+}
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("CDC_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
+    assert main(["prepare", "--raw", str(RAW), "--prepared", "prepared"]) == 0
+    return tmp_path
+
+
+def _train(out: str, resume: bool = False) -> int:
+    args = [
+        "train_teacher",
+        "--prepared",
+        "prepared",
+        "--model",
+        f"{out}/model.pt",
+        "--history",
+        f"{out}/h.csv",
+        "--metrics",
+        f"{out}/m.json",
+        "--checkpoints",
+        f"{out}/ckpt",
+    ]
+    return main(args + (["--resume"] if resume else []))
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tiny: Path):
+    assert _train("full") == 0
+    assert sorted(p.name for p in Path("full/ckpt").iterdir()) == ["epoch_001.pt", "epoch_002.pt", "last.pt"]
+    # Simulate a kill after epoch 1: only its checkpoint survives.
+    Path("cut/ckpt").mkdir(parents=True)
+    shutil.copy("full/ckpt/epoch_001.pt", "cut/ckpt/epoch_001.pt")
+    shutil.copy("full/ckpt/epoch_001.pt", "cut/ckpt/last.pt")
+    assert _train("cut", resume=True) == 0
+    full = torch.load("full/model.pt", weights_only=True)["state_dict"]
+    resumed = torch.load("cut/model.pt", weights_only=True)["state_dict"]
+    for key, value in full.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    assert Path("cut/h.csv").read_text() == Path("full/h.csv").read_text()
+
+
+def test_missing_input_and_bad_params_fail_cleanly(tiny: Path, caplog: pytest.LogCaptureFixture):
+    assert main(["dump_stats", "--prepared", "prepared", "--teacher", "absent.pt"]) == 2
+    assert "absent.pt" in caplog.text
+    Path("params.yaml").write_text("prune:\n  ratio: 2\n")
+    assert main(["prune"]) == 2
+    assert "prune.ratio" in caplog.text
+    assert not Path("data/prune/model.pt").exists()
+
+
+def test_missing_dataset_says_where_and_how(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("seed: 0\n")
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "--raw", "empty", "--prepared", "prepared"]) == 2
+    assert "FashionMNIST/raw" in caplog.text and "make data" in caplog.text
+    assert not Path("prepared").exists()
