@@ -7,7 +7,7 @@ independent of the dataset size.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +62,7 @@ class StatsCollector:
         self.stats: dict[str, LayerStats] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook(self, name: str):  # noqa: ANN202 - closure
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor], torch.Tensor], None]:
         def hook(_module: nn.Module, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
             assert self.labels is not None, "set collector.labels before the forward pass"
             x = out.detach().to(torch.float64)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdc.data import Split, load_prepared, stratified_subset
+from cdc.data import Batches, Prepared, Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
 from cdc.io import load_model, save_model, write_json
+from cdc.models import PrunableNet
 from cdc.params import Params
 from cdc.train import evaluate, kd_loss, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
 from components.progress import progress
@@ -101,10 +102,16 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
 
 
-def refit_student_basis(student, fit_split, data, layer, pool, label_map, dca) -> torch.Tensor:  # noqa: ANN001
+def refit_student_basis(
+    student: PrunableNet,
+    fit_split: Split,
+    data: Prepared,
+    layer: str,
+    pool: int | None,
+    label_map: np.ndarray,
+    dca: dict[str, np.ndarray],
+) -> torch.Tensor:
     """Refit the student's DCA basis on the fitting images and sign-align it to the teacher's."""
-    from cdc.data import Batches
-
     batches = Batches(fit_split, data.meta["mean"], data.meta["std"], 256)
     acc = accumulate_scatter(student, layer, pool, batches, label_map)
     w = align_signs(fit_dca(acc), acc.centroids(), dca["w_teacher"], dca["centroids_teacher"])

@@ -11,18 +11,15 @@ import csv
 import logging
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from cdc.data import load_prepared  # noqa: E402
-from cdc.flops import count_macs, count_params  # noqa: E402
-from cdc.io import atomic_path, load_model, read_json, write_json  # noqa: E402
-from cdc.params import Params  # noqa: E402
-from cdc.train import evaluate, measure_latency, recalibrate_bn  # noqa: E402
-from components.tracking import StageTracker  # noqa: E402
+from cdc.data import load_prepared
+from cdc.flops import count_macs, count_params
+from cdc.io import atomic_path, load_model, read_json, write_json
+from cdc.params import Params
+from cdc.train import evaluate, measure_latency, recalibrate_bn
+from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 MODELS = ("teacher", "pruned", "student")
@@ -127,7 +124,8 @@ def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> 
 
 
 def plot_curves(path: Path, teacher: list[dict], student: list[dict]) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot([r["epoch"] for r in teacher], [100 * r["val_acc"] for r in teacher], "o-", label="teacher")
     offset = teacher[-1]["epoch"] if teacher else 0
     ax.plot(
@@ -142,11 +140,11 @@ def plot_curves(path: Path, teacher: list[dict], student: list[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_tradeoff(path: Path, metrics: dict) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for name in MODELS:
         ax.scatter(metrics[name]["flops"] / 1e6, 100 * metrics[name]["test_acc"], s=60, label=name)
     ax.set_xlabel("MFLOPs (MACs)")
@@ -155,11 +153,11 @@ def plot_tradeoff(path: Path, metrics: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_widths(path: Path, report: dict) -> None:
-    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(report["layers"])), 4))
+    fig = Figure(figsize=(max(6, 0.3 * len(report["layers"])), 4))
+    ax = fig.subplots()
     x = range(len(report["layers"]))
     ax.bar(x, report["widths_before"], label="teacher", alpha=0.5)
     ax.bar(x, report["widths_after"], label="pruned", alpha=0.8)
@@ -168,4 +166,3 @@ def plot_widths(path: Path, report: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -15,6 +15,7 @@ import numpy as np
 from cdc.data import Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, fit_dca
 from cdc.io import atomic_path, load_model, read_json
+from cdc.models import PrunableNet
 from cdc.params import Params
 from components.progress import progress
 from components.tracking import StageTracker
@@ -41,7 +42,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     data.train = Split(data.train.images[keep], data.train.labels[keep])
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
 
-    def fit(model, who: str):  # noqa: ANN001, ANN202
+    def fit(model: PrunableNet, who: str) -> tuple[np.ndarray, np.ndarray]:
         batches = progress(data.batches("train", p.batch_size), f"DCA features ({who})")
         acc = accumulate_scatter(model, p.layer, p.pool, batches, label_map)
         return fit_dca(acc), acc.centroids()
