@@ -77,13 +77,18 @@ def repro(dvc_args: list[str]) -> int:
 
     mlflow = setup_mlflow()
     args = [a for a in dvc_args if a != "--"]
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri())
+    # The stages' `cdc ...` commands and dvc itself come from this interpreter's environment,
+    # so `.venv/bin/cdc repro` works without activating the venv.
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(
+        os.environ, MLFLOW_TRACKING_URI=tracking_uri(), PATH=bin_dir + os.pathsep + os.environ.get("PATH", "")
+    )
     with mlflow.start_run(
         run_name="pipeline", tags={"cdc.stage": "pipeline", "mlflow.source.git.commit": git_commit()}
     ) as run:
         env[PARENT_ENV] = run.info.run_id
         log.info("MLflow pipeline run %s; running dvc repro %s", run.info.run_id, " ".join(args))
-        code = subprocess.call(["dvc", "repro", *args], env=env)
+        code = subprocess.call([sys.executable, "-m", "dvc", "repro", *args], env=env)
         for path in ("dvc.lock", "params.yaml", "data/evaluate/metrics.json", "data/evaluate/report.md"):
             if Path(path).exists():
                 mlflow.log_artifact(path)

@@ -7,7 +7,6 @@ teacher frozen in eval mode, W fixed within an epoch, and the student basis refi
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,9 @@ from cdc.io import load_model, save_model, write_json
 from cdc.models import PrunableNet
 from cdc.params import Params
 from cdc.train import evaluate, kd_loss, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
+from components.history import record_epoch, write_history
 from components.progress import progress
 from components.tracking import StageTracker
-from components.train_teacher import write_history
-
-log = logging.getLogger(__name__)
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
@@ -87,15 +84,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
                 "val_loss": va.loss,
                 "val_acc": va.accuracy,
             }
-            history.append(row)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            log.info(
-                "distill epoch %d/%d: train acc %.4f, val acc %.4f",
-                epoch + 1,
-                p.epochs,
-                tr.accuracy,
-                va.accuracy,
-            )
+            record_epoch(history, tracker, "distill", p.epochs, row)
 
     save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
     write_history(outputs["history"], history)

@@ -6,7 +6,6 @@ directory so `--resume` continues an interrupted run; the output model is the fi
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 
@@ -17,17 +16,11 @@ from cdc.io import atomic_path, save_model, write_json
 from cdc.models import build_model
 from cdc.params import Params
 from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
+from components.history import record_epoch, write_history
 from components.progress import progress
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
-
-
-def write_history(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def run(
@@ -78,11 +71,7 @@ def run(
             "val_acc": va.accuracy,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        log.info(
-            "teacher epoch %d/%d: train acc %.4f, val acc %.4f", epoch + 1, p.epochs, tr.accuracy, va.accuracy
-        )
+        record_epoch(history, tracker, "teacher", p.epochs, row)
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
