@@ -25,18 +25,22 @@ $(BIN)/cdc: pyproject.toml
 	@$(BIN)/pip install -e ".[dev]" > $(VENV)/install.log 2>&1 || (tail -30 $(VENV)/install.log; exit 1)
 	@touch $@
 
-data: $(addprefix $(FMNIST_RAW)/,$(FMNIST_FILES))  ## Fashion-MNIST from Debian's dataset-fashion-mnist, gunzipped for torchvision
-
-$(FMNIST_RAW)/%: | $(FMNIST_SRC)/%.gz
-	@mkdir -p $(FMNIST_RAW)
-	gunzip -c $(FMNIST_SRC)/$*.gz > $@.tmp && mv $@.tmp $@
-
-$(FMNIST_SRC)/%.gz:
-	@if [ "$$(id -u)" = 0 ]; then \
-	  apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null); \
-	else \
-	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu) and retry."; exit 1; \
-	fi
+data:  ## Fashion-MNIST from Debian's dataset-fashion-mnist, gunzipped for torchvision (idempotent)
+	@for f in $(FMNIST_FILES); do \
+	  [ -f $(FMNIST_RAW)/$$f ] && continue; \
+	  if [ ! -f $(FMNIST_SRC)/$$f.gz ]; then \
+	    if [ "$$(id -u)" = 0 ]; then \
+	      echo "installing Debian's dataset-fashion-mnist"; \
+	      apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	        (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null) || exit 1; \
+	    else \
+	      echo "Fashion-MNIST is missing from $(FMNIST_SRC): run 'sudo apt-get install dataset-fashion-mnist' and retry."; \
+	      exit 1; \
+	    fi; \
+	  fi; \
+	  mkdir -p $(FMNIST_RAW) && gunzip -c $(FMNIST_SRC)/$$f.gz > $(FMNIST_RAW)/$$f.tmp && mv $(FMNIST_RAW)/$$f.tmp $(FMNIST_RAW)/$$f || exit 1; \
+	  echo "unpacked $(FMNIST_RAW)/$$f"; \
+	done
 
 lint: $(BIN)/cdc  ## ruff, and dvc.yaml in step with the stage list
 	$(BIN)/ruff check .
