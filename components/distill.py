@@ -76,15 +76,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             tr = train_one_epoch(student, bar, optimizer, scheduler, step_loss)
             va = evaluate(student, val)
             n = len(data.train)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": tr.loss,
-                "train_acc": tr.accuracy,
-                **{f"{k}_loss": v / n for k, v in parts.items()},
-                "val_loss": va.loss,
-                "val_acc": va.accuracy,
-            }
-            record_epoch(history, tracker, "distill", p.epochs, row)
+            losses = {f"{k}_loss": v / n for k, v in parts.items()}
+            record_epoch(history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
 
     save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
     write_history(outputs["history"], history)

@@ -63,15 +63,8 @@ def run(
         bar = progress(train, f"teacher epoch {epoch + 1}/{p.epochs}")
         tr = train_one_epoch(model, bar, optimizer, scheduler)
         va = evaluate(model, val)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": tr.loss,
-            "train_acc": tr.accuracy,
-            "val_loss": va.loss,
-            "val_acc": va.accuracy,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        record_epoch(history, tracker, "teacher", p.epochs, row)
+        lr = optimizer.param_groups[0]["lr"]
+        record_epoch(history, tracker, "teacher", epoch + 1, p.epochs, tr, va, lr=lr)
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
