@@ -16,7 +16,9 @@ help:  ## list the targets
 run: $(BIN)/cdc data  ## the default pipeline: dvc repro under one MLflow run, then the summary
 	cdc repro
 
-test: $(BIN)/cdc data  ## the test suite (unit, component, end-to-end)
+test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
 $(BIN)/cdc: pyproject.toml
