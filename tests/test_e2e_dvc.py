@@ -4,6 +4,7 @@ with a tiny params profile, tracked in a real MLflow SQLite store."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,14 @@ def test_repro_runs_every_stage_and_writes_every_output(workspace, first_repro):
         for path in stage.outputs.values():
             assert (ws / path).exists(), f"{stage.name} did not write {path}"
     assert "| student (distilled) |" in first_repro  # the summary table is printed
+    metrics = json.loads((ws / "data/evaluate/metrics.json").read_text())
+    for model in ("teacher", "pruned", "student"):
+        assert {"test_acc", "flops", "params", "latency_ms_b1", "latency_ms_b64"} <= set(metrics[model])
+    assert metrics["pruned"]["flops"] == metrics["student"]["flops"] < 0.5 * metrics["teacher"]["flops"]
+    plots = sorted(p.name for p in (ws / "data/evaluate/plots").iterdir())
+    assert plots == ["accuracy_vs_flops.png", "training_curves.png", "widths.png"]
+    assert all((ws / "data/evaluate/plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert "| student (distilled) |" in (ws / "data/evaluate/report.md").read_text()
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert list(lock["stages"]) == [s.name for s in STAGES]
 
