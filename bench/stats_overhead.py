@@ -14,6 +14,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from cdc.models import build_model
 from cdc.stats import collect_stats
 
 
-def timed(fn, repeats: int) -> float:  # noqa: ANN001 - any zero-argument callable
+def timed(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -80,16 +80,13 @@ def _flatten(prefix: str, obj: Any) -> dict[str, Any]:
 
 
 class StageTracker:
-    """What a stage may log: per-step metrics and files. A thin wrapper so stages never import MLflow."""
+    """Per-step metrics for a stage, so stages never import MLflow (`stage_run` logs the outputs)."""
 
     def __init__(self, mlflow: Any) -> None:
         self._mlflow = mlflow
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    def log_artifact(self, path: str | Path) -> None:
-        self._mlflow.log_artifact(str(path))
 
 
 @contextmanager
