@@ -8,8 +8,10 @@ export DVC_NO_ANALYTICS := 1
 FMNIST_SRC := /usr/share/datasets/fashion-mnist
 FMNIST_RAW := data/raw/FashionMNIST/raw
 FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= cdc:$(VERSION)
 
-.PHONY: run test data lint bench ui dvc-yaml clean help
+.PHONY: run test data lint bench ui dvc-yaml compile image clean help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -51,6 +53,14 @@ lint: $(BIN)/cdc  ## ruff, and dvc.yaml in step with the stage list
 dvc-yaml: $(BIN)/cdc  ## regenerate dvc.yaml from components/stages.py
 	$(BIN)/cdc dvc-yaml > dvc.yaml
 
+compile: $(BIN)/cdc  ## write pipeline/cdc_pipeline.yaml (Kubeflow) for the image IMAGE (default cdc:$(VERSION))
+	$(BIN)/cdc kfp compile --image $(IMAGE)
+
+image:  ## build components/Dockerfile as IMAGE=registry/name:tag and push it (needs a container engine)
+	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine (none here)"; exit 1; }
+	docker build -f components/Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $(IMAGE) .
+	@case "$(IMAGE)" in */*) docker push $(IMAGE);; *) echo "IMAGE=$(IMAGE) names no registry: not pushed";; esac
+
 ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
@@ -58,4 +68,4 @@ bench: $(BIN)/cdc data  ## benchmarks (print a table, write JSON under bench/res
 	@for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
-	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts
+	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts kfp_outputs

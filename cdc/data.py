@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdc.device import to_device
+
 
 @dataclass
 class Split:
@@ -127,6 +129,8 @@ class Batches:
     """Normalized float batches from an in-memory split, optionally shuffled and augmented.
 
     Augmentation (method §6): pad 4 (scaled to the image size), random crop, horizontal flip.
+    On a GPU `device`, the uint8 batch is copied through pinned memory and augmented and normalized
+    there; the random draws stay on the CPU generator, so every device sees the same crops and flips.
     """
 
     def __init__(
@@ -139,11 +143,13 @@ class Batches:
         augment: bool = False,
         hflip: bool = True,
         seed: int = 0,
+        device: torch.device | str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         self.images = torch.from_numpy(split.images)
         self.labels = torch.from_numpy(split.labels)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batch_size, self.shuffle, self.augment, self.hflip = batch_size, shuffle, augment, hflip
         self.generator = torch.Generator().manual_seed(seed)
         self.pad = max(1, round(4 * split.images.shape[-1] / 32))
@@ -160,11 +166,12 @@ class Batches:
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # raw pixels: the border is black
         dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
         dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
-        rows = (dy[:, None] + torch.arange(h))[:, :, None]  # n x h x 1
-        cols = (dx[:, None] + torch.arange(w))[:, None, :]  # n x 1 x w
-        out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+        rows = (dy[:, None] + torch.arange(h))[:, :, None].to(x.device)  # n x h x 1
+        cols = (dx[:, None] + torch.arange(w))[:, None, :].to(x.device)  # n x 1 x w
+        images = torch.arange(n, device=x.device)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[images, rows, cols].permute(0, 3, 1, 2)
         if self.hflip:
-            flip = torch.rand(n, generator=self.generator) < 0.5
+            flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device)
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.contiguous()
 
@@ -173,10 +180,10 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = self.images[idx]
+            x = to_device(self.images[idx], self.device)
             if self.augment:
                 x = self._augment(x)
-            yield self._normalize(x), self.labels[idx]
+            yield self._normalize(x), to_device(self.labels[idx], self.device)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -35,32 +34,52 @@ def feature_tap(model: nn.Module, path: str) -> Iterator[dict[str, torch.Tensor]
         handle.remove()
 
 
-@dataclass
 class ScatterAccumulator:
-    """Streaming sums for DCA: N_c, per-class feature sums, and X^T X, all float64."""
+    """Streaming sums for DCA: N_c, per-class feature sums, and X^T X, all float64.
 
-    counts: np.ndarray  # L
-    sums: np.ndarray  # L x d
-    gram: np.ndarray  # d x d
+    The sums live on the device of the features (a GPU pass never copies features back to the host);
+    the properties return them as host arrays.
+    """
+
+    def __init__(self, n_labels: int, dim: int, device: torch.device | str = "cpu") -> None:
+        self._counts = torch.zeros(n_labels, dtype=torch.int64, device=device)
+        self._sums = torch.zeros(n_labels, dim, dtype=torch.float64, device=device)
+        self._gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
     @classmethod
-    def empty(cls, n_labels: int, dim: int) -> ScatterAccumulator:
-        return cls(np.zeros(n_labels, np.int64), np.zeros((n_labels, dim)), np.zeros((dim, dim)))
+    def empty(cls, n_labels: int, dim: int, device: torch.device | str = "cpu") -> ScatterAccumulator:
+        return cls(n_labels, dim, device)
 
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        x = x.astype(np.float64, copy=False)
-        self.counts += np.bincount(y, minlength=len(self.counts))
-        np.add.at(self.sums, y, x)
-        self.gram += x.T @ x
+    def update(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> None:
+        """Add a batch of features (N x d) with their labels (N)."""
+        x = torch.as_tensor(x, device=self._gram.device).to(torch.float64)
+        y = torch.as_tensor(y, device=self._gram.device).long()
+        self._counts += torch.bincount(y, minlength=len(self._counts))
+        self._sums.index_add_(0, y, x)
+        self._gram += x.T @ x
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts.cpu().numpy()
+
+    @property
+    def sums(self) -> np.ndarray:
+        return self._sums.cpu().numpy()
+
+    @property
+    def gram(self) -> np.ndarray:
+        return self._gram.cpu().numpy()
 
     def centroids(self) -> np.ndarray:
-        seen = self.counts > 0
-        return self.sums[seen] / self.counts[seen, None]
+        counts = self.counts
+        seen = counts > 0
+        return self.sums[seen] / counts[seen, None]
 
     def scatters(self) -> tuple[np.ndarray, np.ndarray]:
         """(S_B, S_W): between-class and within-class scatter (S_W = total - S_B)."""
-        seen = self.counts > 0
-        n_c, sums = self.counts[seen].astype(np.float64), self.sums[seen]
+        counts = self.counts
+        seen = counts > 0
+        n_c, sums = counts[seen].astype(np.float64), self.sums[seen]
         n = n_c.sum()
         mu = sums.sum(0) / n
         diff = sums / n_c[:, None] - mu
@@ -120,17 +139,23 @@ def accumulate_scatter(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     label_map: np.ndarray,
 ) -> ScatterAccumulator:
-    """Stream eval-mode features of `layer` into DCA scatter sums; labels pass through `label_map`."""
+    """Stream eval-mode features of `layer` into DCA scatter sums; labels pass through `label_map`.
+
+    Batches must be on the model's device; the sums are accumulated there.
+    """
     model.eval()
     acc: ScatterAccumulator | None = None
     n_labels = int(label_map.max()) + 1
+    labels: torch.Tensor | None = None
     with feature_tap(model, layer) as tap:
         for x, y in batches:
             model(x)
-            feats = pooled_features(tap["out"], pool).double().numpy()
+            feats = pooled_features(tap["out"], pool)
             if acc is None:
-                acc = ScatterAccumulator.empty(n_labels, feats.shape[1])
-            acc.update(feats, label_map[y.numpy()])
+                acc = ScatterAccumulator.empty(n_labels, feats.shape[1], feats.device)
+                labels = torch.as_tensor(label_map, dtype=torch.int64, device=feats.device)
+            assert labels is not None
+            acc.update(feats, labels[y])
     if acc is None:
         raise ValueError("no batches to fit DCA on")
     return acc

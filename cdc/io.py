@@ -56,7 +56,7 @@ def save_model(path: str | Path, model: PrunableNet, arch: str, num_classes: int
         "num_classes": num_classes,
         "in_channels": in_channels,
         "widths": model.widths(),
-        "state_dict": model.state_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # loads anywhere
     }
     with atomic_path(path) as tmp:
         torch.save(record, tmp)

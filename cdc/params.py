@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdc.data import DATASETS
+from cdc.device import DEVICE_PATTERN
 from cdc.discriminants import DISCRIMINANTS
 from cdc.models import MODELS
 from cdc.pruning import BUDGETS
@@ -118,8 +119,19 @@ class EvaluateParams(Section):
     latency_repeats: int = Field(30, ge=1)
 
 
+class RuntimeParams(Section):
+    device: str = Field(
+        "auto", pattern=f"^({DEVICE_PATTERN})$", description="auto | cpu | cuda | cuda:N (auto: CUDA if any)"
+    )
+    mixed_precision: bool = Field(
+        True, description="CUDA only: bf16 (else fp16 + scaler) autocast in training"
+    )
+    deterministic: bool = Field(False, description="CUDA only: deterministic kernels, cudnn.benchmark off")
+
+
 class Params(Section):
     seed: int = 0
+    runtime: RuntimeParams = RuntimeParams()
     data: DataParams = DataParams()
     train_teacher: TrainTeacherParams = TrainTeacherParams()
     dump_stats: DumpStatsParams = DumpStatsParams()
@@ -138,7 +150,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    return validate_params(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def validate_params(raw: dict, source: str) -> Params:
+    """The params in `raw` (a parsed params file), or a ParamsError naming every bad key of `source`."""
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -147,7 +163,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             key = ".".join(str(p) for p in e["loc"])
             value = e.get("input")
             lines.append(f"  {key}: {e['msg']} (got {value!r})")
-        raise ParamsError(f"invalid params in {path}:\n" + "\n".join(lines)) from None
+        raise ParamsError(f"invalid params in {source}:\n" + "\n".join(lines)) from None
 
 
 def _check_registry(value: str, registry: dict, what: str) -> str:

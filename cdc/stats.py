@@ -50,16 +50,30 @@ class LayerStats:
         return n_p, mu_p, var_p, mu_q, var_q
 
 
-class StatsCollector:
-    """Forward hooks on every prunable layer's activation that accumulate `LayerStats`.
+@dataclass
+class _DeviceSums:
+    """Running sums of one layer on the activations' device (float64), copied to the host once."""
 
-    Use as a context manager around forward passes; set `labels` before each batch.
+    n: torch.Tensor
+    pixels: int
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    def to_host(self) -> LayerStats:
+        return LayerStats(self.n.cpu().numpy(), self.pixels, self.s1.cpu().numpy(), self.s2.cpu().numpy())
+
+
+class StatsCollector:
+    """Forward hooks on every prunable layer's activation that accumulate per-class sums.
+
+    Use as a context manager around forward passes; set `labels` (on the model's device) before each
+    batch. The sums stay on that device until `stats()` copies them to the host.
     """
 
     def __init__(self, model: PrunableNet, num_classes: int) -> None:
         self.model, self.num_classes = model, num_classes
         self.labels: torch.Tensor | None = None
-        self.stats: dict[str, LayerStats] = {}
+        self._sums: dict[str, _DeviceSums] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor], torch.Tensor], None]:
@@ -67,23 +81,21 @@ class StatsCollector:
             assert self.labels is not None, "set collector.labels before the forward pass"
             x = out.detach().to(torch.float64)
             onehot = torch.nn.functional.one_hot(self.labels, self.num_classes).to(torch.float64)
-            s1 = onehot.T @ x.sum((2, 3))
-            s2 = onehot.T @ x.square().sum((2, 3))
-            st = self.stats.get(name)
+            st = self._sums.get(name)
             if st is None:
-                c = x.shape[1]
-                st = LayerStats(
-                    np.zeros(self.num_classes, np.int64),
-                    x.shape[2] * x.shape[3],
-                    np.zeros((self.num_classes, c)),
-                    np.zeros((self.num_classes, c)),
-                )
-                self.stats[name] = st
-            st.n += np.bincount(self.labels.numpy(), minlength=self.num_classes)
-            st.s1 += s1.numpy()
-            st.s2 += s2.numpy()
+                zeros = torch.zeros(self.num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+                counts = torch.zeros(self.num_classes, dtype=torch.int64, device=x.device)
+                st = _DeviceSums(counts, x.shape[2] * x.shape[3], zeros, zeros.clone())
+                self._sums[name] = st
+            st.n += torch.bincount(self.labels, minlength=self.num_classes)
+            st.s1 += onehot.T @ x.sum((2, 3))
+            st.s2 += onehot.T @ x.square().sum((2, 3))
 
         return hook
+
+    def stats(self) -> dict[str, LayerStats]:
+        """The statistics so far, keyed by prunable layer name in forward order, on the host."""
+        return {name: sums.to_host() for name, sums in self._sums.items()}
 
     def __enter__(self) -> StatsCollector:
         for layer in self.model.prunable_layers():
@@ -99,23 +111,28 @@ class StatsCollector:
 def collect_stats(
     model: PrunableNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
 ) -> dict[str, LayerStats]:
-    """One eval-mode pass; returns statistics keyed by prunable layer name, in forward order."""
+    """One eval-mode pass; returns statistics keyed by prunable layer name, in forward order.
+
+    Batches must be on the model's device; the float64 sums are accumulated there.
+    """
     model.eval()
     with StatsCollector(model, num_classes) as collector, torch.no_grad():
         for x, y in batches:
             collector.labels = y
             model(x)
-    return collector.stats
+    return collector.stats()
 
 
 def confusion_matrix(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int
 ) -> np.ndarray:
-    """Counts[true, predicted] of an eval-mode pass."""
+    """Counts[true, predicted] of an eval-mode pass, counted on the batches' device."""
     model.eval()
-    cm = np.zeros((num_classes, num_classes), np.int64)
+    counts: torch.Tensor | int = 0
     with torch.no_grad():
         for x, y in batches:
             pred = model(x).argmax(1)
-            np.add.at(cm, (y.numpy(), pred.numpy()), 1)
-    return cm
+            counts = counts + torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+    if isinstance(counts, int):
+        return np.zeros((num_classes, num_classes), np.int64)
+    return counts.cpu().numpy().reshape(num_classes, num_classes)

@@ -1,4 +1,8 @@
-"""Training, evaluation, distillation and measurement loops: plain functions over batch iterables."""
+"""Training, evaluation, distillation and measurement loops: plain functions over batch iterables.
+
+Batches arrive on the model's device (see `cdc.data.Batches`); running sums stay on it as tensors, so
+a GPU step never waits for the host except for the finiteness check of the loss.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from cdc.device import CPU, Runtime
 
 BatchIterable = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,38 +59,50 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step_loss: StepLoss | None = None,
+    runtime: Runtime = CPU,
 ) -> EpochResult:
-    """One epoch; `step_loss(x, y) -> (loss, logits)` replaces plain cross-entropy (distillation)."""
+    """One epoch; `step_loss(x, y) -> (loss, logits)` replaces plain cross-entropy (distillation).
+
+    The forward pass and loss run under the runtime's autocast (mixed precision on CUDA only).
+    """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    scaler = runtime.grad_scaler()
+    total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    seen = 0
     for x, y in batches:
-        if step_loss is None:
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-        else:
-            loss, logits = step_loss(x, y)
+        with runtime.autocast():
+            if step_loss is None:
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+            else:
+                loss, logits = step_loss(x, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss.item()}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        total_loss += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1))
+    return EpochResult(total_loss.item() / max(seen, 1), int(correct) / max(seen, 1))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: BatchIterable) -> EpochResult:
+    """Full-precision evaluation on the batches' device (accuracy is reported, never autocast)."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    seen = 0
     for x, y in batches:
         logits = model(x)
-        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(1) == y).sum())
+        total_loss = total_loss + nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        correct = correct + (logits.argmax(1) == y).sum()
         seen += len(y)
-    return EpochResult(total_loss / max(seen, 1), correct / max(seen, 1))
+    return EpochResult(float(total_loss) / max(seen, 1), int(correct) / max(seen, 1))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -122,16 +140,34 @@ def recalibrate_bn(model: nn.Module, batches: BatchIterable, max_batches: int | 
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, repeats: int, warmup: int = 3
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    repeats: int,
+    warmup: int = 3,
+    device: torch.device = CPU.device,
 ) -> float:
-    """Median wall time in milliseconds of one eval-mode forward pass of a batch."""
+    """Median time in milliseconds of one eval-mode forward pass of a batch on `device`.
+
+    On CUDA the pass is timed with CUDA events around it and a synchronize after, since kernel
+    launches return before the GPU has finished; on CPU with the wall clock.
+    """
     model.eval()
-    x = torch.randn(batch_size, *input_shape)
+    x = torch.randn(batch_size, *input_shape).to(device)
     for _ in range(warmup):
         model(x)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1000.0)
+        if device.type == "cuda":
+            start_event = torch.cuda.Event(enable_timing=True)
+            end_event = torch.cuda.Event(enable_timing=True)
+            start_event.record()
+            model(x)
+            end_event.record()
+            end_event.synchronize()
+            times.append(start_event.elapsed_time(end_event))
+        else:
+            start = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times)

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from components.stages import STAGES, Stage, option
 
@@ -21,7 +22,12 @@ its outputs. `dvc repro` (or `cdc repro`, which also groups the stage runs under
 runs what is out of date."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+# A command group added on top of the stage commands (e.g. `cdc kfp` from pipeline/): it adds its
+# subparser, then runs the parsed arguments and returns the exit status.
+Extension = tuple[Callable[[Any], None], Callable[[argparse.Namespace], int]]
+
+
+def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cdc",
         description=DESCRIPTION.format(stages=" -> ".join(s.name for s in STAGES)),
@@ -51,25 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metrics", default="data/evaluate/metrics.json", type=Path)
     sp.add_argument("--params", default="params.yaml")
     sub.add_parser("dvc-yaml", help="print the dvc.yaml generated from the stage list")
+    for add_parser, _ in (extensions or {}).values():
+        add_parser(sub)
     return parser
 
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> None:
     from cdc.params import load_params
-    from components.tracking import stage_run
+    from components.runner import execute
 
-    params = load_params(args.params)
     inputs = {name: getattr(args, name) for name in stage.inputs}
     outputs = {name: getattr(args, name) for name in stage.outputs}
-    for name, path in inputs.items():
-        if not path.exists():
-            raise FileNotFoundError(f"input {name} of stage {stage.name} not found: {path}")
-    section = {k: getattr(params, k) for k in stage.params}
-    logged = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in section.items()}
-    module = importlib.import_module(stage.module)
-    extra = {flag: getattr(args, flag) for flag in stage.flags}
-    with stage_run(stage.name, logged, inputs, outputs) as tracker:
-        module.run(params, inputs, outputs, tracker, **extra)
+    flags = {flag: getattr(args, flag) for flag in stage.flags}
+    execute(stage, load_params(args.params), inputs, outputs, **flags)
 
 
 def repro(dvc_args: list[str]) -> int:
@@ -111,14 +111,17 @@ def summary(metrics_path: Path, params_path: str) -> None:
     print(summary_table(read_json(metrics_path), batch_sizes))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None = None) -> int:
+    extensions = extensions or {}
+    args = build_parser(extensions).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
+        if args.command in extensions:
+            return extensions[args.command][1](args)
         if args.command == "repro":
             return repro(args.dvc_args)
         if args.command == "summary":

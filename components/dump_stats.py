@@ -15,19 +15,23 @@ from cdc.params import Params
 from cdc.stats import collect_stats, confusion_matrix
 from cdc.stats_table import write_stats
 from components.progress import progress
+from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+    runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"])
-    teacher, _ = load_model(inputs["teacher"])
-    batches = data.batches("train", params.dump_stats.batch_size)
+    teacher = load_model(inputs["teacher"])[0].to(runtime.device)
+    batch_size = params.dump_stats.batch_size
+    batches = data.batches("train", batch_size, device=runtime.device)
     stats = collect_stats(teacher, progress(batches, "activation statistics"), data.num_classes)
     with atomic_path(outputs["stats"]) as tmp:
         write_stats(tmp, stats)
-    cm = confusion_matrix(teacher, data.batches("val", params.dump_stats.batch_size), data.num_classes)
+    val = data.batches("val", batch_size, device=runtime.device)
+    cm = confusion_matrix(teacher, val, data.num_classes)
     write_json(outputs["confusion"], {"split": "val", "classes": data.meta["classes"], "matrix": cm.tolist()})
     val_acc = float(cm.trace() / cm.sum())
     tracker.log_metrics({"layers": len(stats), "val_acc": val_acc})

@@ -1,8 +1,9 @@
-"""Stage `evaluate`: test accuracy, FLOPs, params and CPU latency of teacher, pruned and student.
+"""Stage `evaluate`: test accuracy, FLOPs, params and latency of teacher, pruned and student.
 
 "pruned" is the pruned model before fine-tuning with its BN statistics recalibrated on training data:
 the cleanest measure of which channels were kept. Writes DVC metrics JSON, a markdown report and
-PNG plots (DVC's own HTML plots need a CDN and do not render offline).
+PNG plots (DVC's own HTML plots need a CDN and do not render offline). Latency is measured on the
+device the stage runs on (`runtime.device`), recorded as `latency_device` next to the figures.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cdc.flops import count_macs, count_params
 from cdc.io import atomic_path, load_model, read_json, write_json
 from cdc.params import Params
 from cdc.train import evaluate, measure_latency, recalibrate_bn
+from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -27,22 +29,24 @@ MODELS = ("teacher", "pruned", "student")
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.evaluate
+    runtime = stage_runtime(params, tracker)
+    device = runtime.device
     torch.manual_seed(params.seed)
     data = load_prepared(inputs["prepared"])
     shape = data.input_shape
-    models = {name: load_model(inputs[name])[0] for name in MODELS}
-    recal = data.batches("train", 128, shuffle=True, seed=params.seed)
+    models = {name: load_model(inputs[name])[0].to(device) for name in MODELS}
+    recal = data.batches("train", 128, shuffle=True, seed=params.seed, device=device)
     recalibrate_bn(models["pruned"], recal, p.bn_recalibration_batches)
 
-    metrics: dict[str, dict[str, float]] = {}
+    metrics: dict = {"latency_device": runtime.describe()}
     for name, model in models.items():
         m = {
-            "test_acc": evaluate(model, data.batches("test", p.batch_size)).accuracy,
+            "test_acc": evaluate(model, data.batches("test", p.batch_size, device=device)).accuracy,
             "flops": count_macs(model, shape),
             "params": count_params(model),
         }
         for bs in p.latency_batch_sizes:
-            m[f"latency_ms_b{bs}"] = measure_latency(model, shape, bs, p.latency_repeats)
+            m[f"latency_ms_b{bs}"] = measure_latency(model, shape, bs, p.latency_repeats, device=device)
         metrics[name] = m
         log.info("%s: %s", name, m)
     t, s = metrics["teacher"], metrics["student"]
@@ -53,7 +57,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         **{f"speedup_b{bs}": t[f"latency_ms_b{bs}"] / s[f"latency_ms_b{bs}"] for bs in p.latency_batch_sizes},
     }
     write_json(outputs["metrics"], metrics)
-    tracker.log_metrics({f"{g}.{k}": v for g, d in metrics.items() for k, v in d.items()})
+    tracker.log_metrics(
+        {f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()}
+    )
 
     with atomic_path(outputs["plots"]) as tmp:
         tmp.mkdir()
@@ -73,7 +79,7 @@ def read_csv(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) -> str:
+def summary_table(metrics: dict, batch_sizes: list[int]) -> str:
     """Markdown table: teacher vs pruned vs student."""
     lat = [f"latency b{bs} (ms)" for bs in batch_sizes]
     head = "| model | test acc (%) | MFLOPs (MACs) | params (k) | " + " | ".join(lat) + " |"
@@ -95,6 +101,7 @@ def summary_table(metrics: dict[str, dict[str, float]], batch_sizes: list[int]) 
         lines.append("| " + " | ".join(cells) + " |")
     r = metrics["student_vs_teacher"]
     speed = ", ".join(f"{r[f'speedup_b{bs}']:.2f}x at batch {bs}" for bs in batch_sizes)
+    speed += f" (latency on {metrics.get('latency_device', 'cpu')})"
     lines.append("")
     lines.append(
         f"Student vs teacher: {-r['acc_drop_points']:+.2f} points of test accuracy, "
@@ -114,7 +121,7 @@ def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> 
     return (
         "# CDC evaluation report\n\n"
         "FLOPs are multiply-accumulates of conv and linear layers for one image; latency is the median of "
-        "repeated CPU forward passes.\n\n"
+        f"repeated forward passes on {metrics.get('latency_device', 'cpu')}.\n\n"
         f"{summary_table(metrics, batch_sizes)}\n\n"
         f"## Pruned widths ({prune_report['budget']} budget)\n\n"
         f"| layer | before | after |\n|---|---|---|\n{widths}\n\n"

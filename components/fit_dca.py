@@ -18,6 +18,7 @@ from cdc.io import atomic_path, load_model, read_json
 from cdc.models import PrunableNet
 from cdc.params import Params
 from components.progress import progress
+from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,10 @@ def label_map_for(level: str, groups_path: Path, num_classes: int) -> np.ndarray
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.fit_dca
+    runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"])
-    teacher, _ = load_model(inputs["teacher"])
-    student, _ = load_model(inputs["pruned"])
+    teacher = load_model(inputs["teacher"])[0].to(runtime.device)
+    student = load_model(inputs["pruned"])[0].to(runtime.device)
     if p.layer not in teacher.feature_layers():
         raise ValueError(
             f"fit_dca.layer={p.layer!r} is not a feature layer; choose from {teacher.feature_layers()}"
@@ -43,7 +45,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
 
     def fit(model: PrunableNet, who: str) -> tuple[np.ndarray, np.ndarray]:
-        batches = progress(data.batches("train", p.batch_size), f"DCA features ({who})")
+        batches = progress(
+            data.batches("train", p.batch_size, device=runtime.device), f"DCA features ({who})"
+        )
         acc = accumulate_scatter(model, p.layer, p.pool, batches, label_map)
         return fit_dca(acc), acc.centroids()
 

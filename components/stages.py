@@ -1,7 +1,9 @@
 """The stage list, declared once: the CLI, `dvc.yaml` and the Kubeflow pipeline are built from it.
 
-Each stage names its inputs and outputs (name -> default path) and the params.yaml sections it reads.
-`tests/test_stages.py` proves the committed dvc.yaml describes exactly this DAG.
+Each stage names its inputs and outputs (name -> default path), the kind of each output (the typed
+artifact it becomes in Kubeflow) and the params.yaml sections it reads; a stage that reads `runtime`
+runs a model and gets a GPU on a cluster. `tests/test_params_and_stages.py` proves the committed
+dvc.yaml describes exactly this DAG, `tests/test_kfp.py` that the Kubeflow pipeline does.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import dataclass, field
 PREPARED = "data/prepared"
 TEACHER = "data/teacher/model.pt"
 PRUNED = "data/prune/model.pt"
+RAW = "data/raw"
+RUNTIME = "runtime"  # the params section of the stages that run a model (device, mixed precision)
+ARTIFACT_KINDS = ("dataset", "model", "metrics", "markdown", "artifact")
 
 
 @dataclass(frozen=True)
@@ -19,23 +24,34 @@ class Stage:
     help: str
     inputs: dict[str, str]
     outputs: dict[str, str]
+    kinds: dict[str, str]  # output name -> one of ARTIFACT_KINDS
     params: tuple[str, ...]
     metrics: tuple[str, ...] = ()  # outputs that are DVC metrics (small JSON, not cached)
     plots: tuple[str, ...] = ()  # outputs that are DVC plots
     persist: tuple[str, ...] = ()  # outputs kept across runs (resume checkpoints), not cached
     flags: dict[str, str] = field(default_factory=dict)  # extra boolean CLI flags -> help
 
+    def __post_init__(self) -> None:
+        if set(self.kinds) != set(self.outputs) or not set(self.kinds.values()) <= set(ARTIFACT_KINDS):
+            raise ValueError(f"stage {self.name}: give every output one kind of {ARTIFACT_KINDS}")
+
     @property
     def module(self) -> str:
         return f"components.{self.name}"
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether the stage runs a network (the `runtime` device applies; a GPU pays off)."""
+        return RUNTIME in self.params
 
 
 STAGES: list[Stage] = [
     Stage(
         "prepare",
         "Split the raw dataset into train/validation/test .npz files with normalization metadata.",
-        inputs={"raw": "data/raw"},
+        inputs={"raw": RAW},
         outputs={"prepared": PREPARED},
+        kinds={"prepared": "dataset"},
         params=("seed", "data"),
     ),
     Stage(
@@ -48,7 +64,8 @@ STAGES: list[Stage] = [
             "metrics": "data/teacher/metrics.json",
             "checkpoints": "data/teacher/checkpoints",
         },
-        params=("seed", "train_teacher"),
+        kinds={"model": "model", "history": "dataset", "metrics": "metrics", "checkpoints": "artifact"},
+        params=("seed", "train_teacher", RUNTIME),
         metrics=("metrics",),
         plots=("history",),
         persist=("checkpoints",),
@@ -59,13 +76,15 @@ STAGES: list[Stage] = [
         "Stream the training split through the teacher; write per-layer/channel/class sums to Parquet.",
         inputs={"prepared": PREPARED, "teacher": TEACHER},
         outputs={"stats": "data/stats/stats.parquet", "confusion": "data/stats/confusion.json"},
-        params=("dump_stats",),
+        kinds={"stats": "dataset", "confusion": "dataset"},
+        params=("dump_stats", RUNTIME),
     ),
     Stage(
         "score",
         "Cluster the confusion matrix into coarse classes and score every channel hierarchically.",
         inputs={"stats": "data/stats/stats.parquet", "confusion": "data/stats/confusion.json"},
         outputs={"scores": "data/score/scores.parquet", "groups": "data/score/groups.json"},
+        kinds={"scores": "dataset", "groups": "dataset"},
         params=("seed", "score"),
     ),
     Stage(
@@ -73,6 +92,7 @@ STAGES: list[Stage] = [
         "Physically remove the lowest-scored channels of each layer under the budget.",
         inputs={"prepared": PREPARED, "teacher": TEACHER, "scores": "data/score/scores.parquet"},
         outputs={"model": PRUNED, "report": "data/prune/report.json"},
+        kinds={"model": "model", "report": "artifact"},
         params=("prune",),
     ),
     Stage(
@@ -85,7 +105,8 @@ STAGES: list[Stage] = [
             "groups": "data/score/groups.json",
         },
         outputs={"dca": "data/dca/dca.npz"},
-        params=("seed", "fit_dca"),
+        kinds={"dca": "artifact"},
+        params=("seed", "fit_dca", RUNTIME),
     ),
     Stage(
         "distill",
@@ -96,7 +117,8 @@ STAGES: list[Stage] = [
             "history": "data/student/history.csv",
             "metrics": "data/student/metrics.json",
         },
-        params=("seed", "distill"),
+        kinds={"model": "model", "history": "dataset", "metrics": "metrics"},
+        params=("seed", "distill", RUNTIME),
         metrics=("metrics",),
         plots=("history",),
     ),
@@ -117,7 +139,8 @@ STAGES: list[Stage] = [
             "report": "data/evaluate/report.md",
             "plots": "data/evaluate/plots",
         },
-        params=("seed", "evaluate"),
+        kinds={"metrics": "metrics", "report": "markdown", "plots": "artifact"},
+        params=("seed", "evaluate", RUNTIME),
         metrics=("metrics",),
     ),
 ]

@@ -67,7 +67,8 @@ def git_commit() -> str:
         )
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # no git checkout (a container image): the commit the image was built from, if it was recorded
+        return os.environ.get("CDC_GIT_COMMIT", "unknown")
 
 
 def _flatten(prefix: str, obj: Any) -> dict[str, Any]:
@@ -88,14 +89,23 @@ class StageTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
 
 @contextmanager
 def stage_run(
-    stage: str, params: dict[str, Any], inputs: dict[str, Path], outputs: dict[str, Path]
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Iterator[StageTracker]:
+    """One MLflow run for a stage, nested under `parent_run_id` (default: `$CDC_PARENT_RUN_ID`)."""
     mlflow = setup_mlflow()
-    parent = os.environ.get(PARENT_ENV) or None
-    tags = {"cdc.stage": stage, "mlflow.source.git.commit": git_commit()}
+    parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    tags = {"cdc.stage": stage, "mlflow.source.git.commit": git_commit(), **(extra_tags or {})}
     tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
     tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:

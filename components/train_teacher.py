@@ -18,6 +18,7 @@ from cdc.params import Params
 from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
 from components.history import record_epoch, write_history
 from components.progress import progress
+from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,20 @@ def run(
     resume: bool = False,
 ) -> None:
     p = params.train_teacher
+    runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"])
     torch.manual_seed(params.seed)
-    model = build_model(p.arch, data.num_classes, data.input_shape[0])
+    model = build_model(p.arch, data.num_classes, data.input_shape[0]).to(runtime.device)
     train = data.batches(
-        "train", p.batch_size, shuffle=True, augment=p.augment, hflip=p.hflip, seed=params.seed
+        "train",
+        p.batch_size,
+        shuffle=True,
+        augment=p.augment,
+        hflip=p.hflip,
+        seed=params.seed,
+        device=runtime.device,
     )
-    val = data.batches("val", 512)
+    val = data.batches("val", 512, device=runtime.device)
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))
 
@@ -47,6 +55,7 @@ def run(
     history: list[dict[str, float]] = []
     start = 0
     if resume and last.exists():
+        # on the CPU: RNG states must stay there; the optimizer moves its state to the parameters
         state = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -61,7 +70,7 @@ def run(
 
     for epoch in range(start, p.epochs):
         bar = progress(train, f"teacher epoch {epoch + 1}/{p.epochs}")
-        tr = train_one_epoch(model, bar, optimizer, scheduler)
+        tr = train_one_epoch(model, bar, optimizer, scheduler, runtime=runtime)
         va = evaluate(model, val)
         lr = optimizer.param_groups[0]["lr"]
         record_epoch(history, tracker, "teacher", epoch + 1, p.epochs, tr, va, lr=lr)

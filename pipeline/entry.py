@@ -1,0 +1,112 @@
+"""What every Kubeflow component runs: the stage's own code on the task's artifact paths.
+
+A component's body is one call, `run_component(<stage>, locals())`: its artifacts become the stage's
+input and output paths, its parameters the stage's params sections, and the stage runs through
+`components.runner.execute` exactly as `cdc <stage>` does. The MLflow run of the stage is nested under
+one pipeline run per Kubeflow run, found (or opened by the first task) by the tag `kfp.run_id`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cdc.io import read_json
+from cdc.params import Params
+from components.runner import execute
+from components.stages import STAGE_BY_NAME, STAGES, Stage
+from components.tracking import git_commit, setup_mlflow
+
+log = logging.getLogger("cdc.kfp")
+
+# Set on cluster pods from their metadata (pipeline/dag.py); `cdc kfp run-local` sets KFP_RUN_ID itself.
+RUN_ID_ENV = "KFP_RUN_ID"
+POD_NAME_ENV = "KFP_POD_NAME"
+TRACKING_INPUTS = ("mlflow_tracking_uri", "mlflow_experiment", "s3_endpoint_url")
+
+
+def run_component(stage_name: str, args: dict[str, Any]) -> None:
+    """Run stage `stage_name` with the component's arguments (artifacts and parameters by name)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+    stage = STAGE_BY_NAME[stage_name]
+    params = Params.model_validate({section: args[section] for section in stage.params})
+    inputs = {name: Path(args[name].path) for name in stage.inputs}
+    outputs = {name: Path(args[name].path) for name in stage.outputs}
+    _configure_tracking(args)
+    run_id, task = kfp_identity(stage, outputs)
+    tags = {"kfp.run_id": run_id, "kfp.task_name": task}
+    if os.environ.get(POD_NAME_ENV):
+        tags["kfp.pod_name"] = os.environ[POD_NAME_ENV]
+    parent = pipeline_run(run_id)
+    try:
+        execute(stage, params, inputs, outputs, parent_run_id=parent, tags=tags)
+    except BaseException:
+        _end_pipeline_run(parent, "FAILED")
+        raise
+    for name, kind in stage.kinds.items():
+        if kind == "metrics":
+            log_kfp_metrics(args[name], read_json(outputs[name]))
+    if stage is STAGES[-1]:
+        _end_pipeline_run(parent, "FINISHED")
+
+
+def _configure_tracking(args: dict[str, Any]) -> None:
+    """Pipeline parameters override the pod's environment; empty strings leave it as it is."""
+    for name, env in zip(
+        TRACKING_INPUTS, ("MLFLOW_TRACKING_URI", "CDC_EXPERIMENT", "MLFLOW_S3_ENDPOINT_URL"), strict=True
+    ):
+        if args.get(name):
+            os.environ[env] = args[name]
+
+
+def kfp_identity(stage: Stage, outputs: dict[str, Path]) -> tuple[str, str]:
+    """(run id, task name) of this task.
+
+    On a cluster the run id comes from the pod's `pipeline/runid` label; under `kfp.local` from the run
+    folder the artifact paths lie in (`<pipeline root>/<run>/<task>/<output>`).
+    """
+    first = next(iter(outputs.values()))
+    run_id = os.environ.get(RUN_ID_ENV) or first.parent.parent.name
+    return run_id, stage.name.replace("_", "-")
+
+
+def pipeline_run(kfp_run_id: str) -> str:
+    """The MLflow run id of the pipeline run tagged with this Kubeflow run id, opened when missing."""
+    mlflow = setup_mlflow()
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(os.environ.get("CDC_EXPERIMENT", "cdc"))
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`kfp.run_id` = '{kfp_run_id}' and tags.`cdc.stage` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment.experiment_id,
+        run_name="pipeline",
+        tags={"cdc.stage": "pipeline", "kfp.run_id": kfp_run_id, "mlflow.source.git.commit": git_commit()},
+    )
+    log.info("opened MLflow pipeline run %s for Kubeflow run %s", run.info.run_id, kfp_run_id)
+    return run.info.run_id
+
+
+def _end_pipeline_run(run_id: str, status: str) -> None:
+    setup_mlflow().MlflowClient().set_terminated(run_id, status)
+
+
+def log_kfp_metrics(artifact: Any, metrics: dict[str, Any], prefix: str = "") -> None:
+    """Every number of a stage's metrics JSON as a Kubeflow metric (nested keys joined by dots)."""
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            log_kfp_metrics(artifact, value, f"{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            artifact.log_metric(name, float(value))
+        else:
+            artifact.metadata[name] = value
