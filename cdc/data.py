@@ -206,6 +206,14 @@ class Prepared:
     def batches(self, split: str, batch_size: int, **kwargs: object) -> Batches:
         return Batches(getattr(self, split), self.meta["mean"], self.meta["std"], batch_size, **kwargs)  # type: ignore[arg-type]
 
+    def training_batches(
+        self, batch_size: int, seed: int, device: torch.device, augment: bool, hflip: bool
+    ) -> Batches:
+        """What a training epoch iterates: the training split shuffled, optionally augmented."""
+        return self.batches(
+            "train", batch_size, shuffle=True, augment=augment, hflip=hflip, seed=seed, device=device
+        )
+
 
 def load_prepared(root: Path) -> Prepared:
     import json

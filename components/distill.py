@@ -48,15 +48,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     if p.bn_recalibration_batches:  # removed channels shift the next layers' inputs: fresh BN stats first
         recal = data.batches("train", p.batch_size, shuffle=True, seed=params.seed + 1, device=device)
         recalibrate_bn(student, recal, p.bn_recalibration_batches)
-    train = data.batches(
-        "train",
-        p.batch_size,
-        shuffle=True,
-        augment=p.augment,
-        hflip=p.hflip,
-        seed=params.seed,
-        device=device,
-    )
+    train = data.training_batches(p.batch_size, params.seed, device, p.augment, p.hflip)
     val = data.batches("val", 512, device=device)
     optimizer = sgd(student, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), 0)

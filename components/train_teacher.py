@@ -36,15 +36,7 @@ def run(
     data = load_prepared(inputs["prepared"])
     torch.manual_seed(params.seed)
     model = build_model(p.arch, data.num_classes, data.input_shape[0]).to(runtime.device)
-    train = data.batches(
-        "train",
-        p.batch_size,
-        shuffle=True,
-        augment=p.augment,
-        hflip=p.hflip,
-        seed=params.seed,
-        device=runtime.device,
-    )
+    train = data.training_batches(p.batch_size, params.seed, runtime.device, p.augment, p.hflip)
     val = data.batches("val", 512, device=runtime.device)
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))

@@ -11,6 +11,7 @@ import json
 import re
 import urllib.error
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,11 @@ def connect(host: str, namespace: str | None = None) -> Any:
     import kfp
 
     check_endpoint(host)
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")
+    with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": said in the README
+        warnings.filterwarnings(
+            "ignore", message="This client only works with Kubeflow Pipeline", category=FutureWarning
+        )
+        return kfp.Client(host=host, namespace=namespace or "kubeflow")
 
 
 def set_param(arguments: dict[str, Any], assignment: str) -> None:

@@ -62,6 +62,11 @@ def _configure_tracking(args: dict[str, Any]) -> None:
     ):
         if args.get(name):
             os.environ[env] = args[name]
+    if os.environ.get(POD_NAME_ENV) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        log.warning(
+            "no MLflow tracking URI (pipeline parameter mlflow_tracking_uri): this task's MLflow run "
+            "goes to a SQLite file inside the pod and is lost with it"
+        )
 
 
 def kfp_identity(stage: Stage, outputs: dict[str, Path]) -> tuple[str, str]:

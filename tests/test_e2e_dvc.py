@@ -5,37 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cdc.params import Params
 from components.stages import STAGES
-from tests.conftest import RAW, REPO
-
-TINY = {
-    "seed": 0,
-    "data": {"train_limit": 600, "test_limit": 200, "val_size": 100},
-    "train_teacher": {"epochs": 1, "batch_size": 64},
-    "score": {"n_coarse": 3},
-    "fit_dca": {"max_images": 200},
-    "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1},
-    "evaluate": {"bn_recalibration_batches": 3, "latency_repeats": 3},
-}
+from tests.conftest import run_ok as _run
 
 pytestmark = pytest.mark.e2e
-
-
-def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 def _md5(path: Path) -> str:
@@ -44,47 +24,6 @@ def _md5(path: Path) -> str:
 
 def _stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([a-z_]+)'", output)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    ws = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, ws / rel)
-    shutil.copytree(RAW / "FashionMNIST", ws / "data" / "raw" / "FashionMNIST")
-    # DVC needs every section a stage names: the tiny profile over the schema defaults
-    (ws / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}",
-        DVC_NO_ANALYTICS="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    _run(["git", "init", "-q"], ws, env)
-    if not (ws / ".dvc").exists():
-        _run(["dvc", "init", "-q"], ws, env)
-    _run(["git", "add", "-A"], ws, env)
-    _run(["git", "commit", "-qm", "tiny"], ws, env)
-    return ws, env
-
-
-@pytest.fixture(scope="module")
-def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
-    ws, env = workspace
-    return _run(["cdc", "repro"], ws, env)
 
 
 def test_repro_runs_every_stage_and_writes_every_output(workspace, first_repro):
