@@ -1,21 +1,23 @@
-"""The discriminant scores keep better channels than chance: a guard on a small real run.
+"""The discriminant scores rank channels the right way round: a guard on a small real run.
 
 A ResNet-20 teacher is trained briefly on 10,000 Fashion-MNIST images; its channels are scored with
 hierarchical `symdiv`, it is pruned with the default uniform ratio, BN is recalibrated and the pruned
-network (no fine-tuning) is evaluated on 2,000 held-out images. Measured when written (2026-11-30,
-2-core CPU): teacher 85.2%; symdiv 66.6%; random channels 62.6% on average over six seeds
-(52.0-73.2%); the inverted ranking (keep the *least* discriminative) 26.4%. On the full default
-pipeline the gap to random is larger (see `bench/scoring_quality.py` and the README).
+network (no fine-tuning) is evaluated on 2,000 held-out images. The guard: keeping the channels symdiv
+ranks highest beats keeping those it ranks lowest by 10 points (a sign or ranking bug lands far below).
 
-Margins: symdiv must beat the mean of the random seeds, and the inverted ranking by 10 points
-(a sign or ranking bug lands far below).
+Measured (2026-11-30, two 2-core CPU machines of the same kind; the same code trains different
+weights on each): teacher 85.2% / 83.5%; symdiv 66.6% / 52.0%; inverted ranking 26.4% / 33.2%;
+random channels, mean of six seeds, 62.6% / 57.9%. On the second machine symdiv fell *below* the
+random mean at both ratios tried (0.30 and 0.53) and for a second teacher seed too, so "beats random"
+is not a property of these short-trained teachers and is not asserted here: whether and when class
+discrimination beats random and data-free criteria is the subject of the method-comparison work
+(`bench/scoring_quality.py` measures it on the full pipeline).
 """
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -62,7 +64,7 @@ def _pruned_accuracy(model, train, val, scored: list[LayerScores]) -> float:
     return evaluate(pruned, batches(val, 256)).accuracy
 
 
-def test_symdiv_keeps_better_channels_than_random_and_inverted(small_run):
+def test_symdiv_keeps_better_channels_than_its_inverted_ranking(small_run):
     model, train, val, stats, confusion = small_run
     teacher = evaluate(model, batches(val, 256)).accuracy
     assert teacher > 0.8, "the teacher did not train"
@@ -72,9 +74,4 @@ def test_symdiv_keeps_better_channels_than_random_and_inverted(small_run):
     scored = score_layers(stats, "symdiv", groups, t, seed=0)
     symdiv = _pruned_accuracy(model, train, val, scored)
     inverted = _pruned_accuracy(model, train, val, [LayerScores(s.layer, s.level, -s.scores) for s in scored])
-    random = [
-        _pruned_accuracy(model, train, val, score_layers(stats, "random", groups, 0, seed=s))
-        for s in range(6)
-    ]
-    assert symdiv > np.mean(random), (symdiv, random)
     assert symdiv > inverted + 0.10, (symdiv, inverted)
