@@ -25,7 +25,7 @@ import torch
 from cdc.io import read_json
 from cdc.params import Params, validate_params
 from components.runner import execute
-from components.stages import RAW, STAGES
+from components.stages import RAW, STAGE_BY_NAME, STAGES
 
 PROFILES = {
     "tiny": {
@@ -70,7 +70,7 @@ def run_profile(name: str, overrides: dict, raw: Path, work: Path, device: str) 
 
 def summarize(params: Params, work: Path, rows: list[dict]) -> dict:
     """Accuracies from the evaluation; images/s of the teacher's training and the statistics pass."""
-    metrics = read_json(work / "data/evaluate/metrics.json")
+    metrics = read_json(work / STAGE_BY_NAME["evaluate"].outputs["metrics"])
     sizes = read_json(work / "data/prepared/meta.json")["sizes"]
     seconds = {r["stage"]: r["seconds"] for r in rows}
     return {

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from components.stages import STAGES, Stage, option
+from components.stages import STAGE_BY_NAME, STAGES, Stage, option
 
 log = logging.getLogger("cdc")
+EVALUATION = STAGE_BY_NAME["evaluate"].outputs["metrics"]  # the metrics `cdc summary` reads
 DESCRIPTION = """Class-Discriminative Compression (CDC) of CNNs, one stage at a time.
 
 Stages in order: {stages}. Each reads its inputs and its params.yaml section(s) and writes only
@@ -54,7 +55,7 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
     )
     rp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
     sp = sub.add_parser("summary", help="print the teacher vs student table of the last evaluation")
-    sp.add_argument("--metrics", default="data/evaluate/metrics.json", type=Path)
+    sp.add_argument("--metrics", default=EVALUATION, type=Path, help="default: %(default)s")
     sp.add_argument("--params", default="params.yaml")
     sub.add_parser("dvc-yaml", help="print the dvc.yaml generated from the stage list")
     for add_parser, _ in (extensions or {}).values():
@@ -89,14 +90,15 @@ def repro(dvc_args: list[str]) -> int:
         env[PARENT_ENV] = run.info.run_id
         log.info("MLflow pipeline run %s; running dvc repro %s", run.info.run_id, " ".join(args))
         code = subprocess.call([sys.executable, "-m", "dvc", "repro", *args], env=env)
-        for path in ("dvc.lock", "params.yaml", "data/evaluate/metrics.json", "data/evaluate/report.md"):
+        report = STAGE_BY_NAME["evaluate"].outputs["report"]
+        for path in ("dvc.lock", "params.yaml", EVALUATION, report):
             if Path(path).exists():
                 mlflow.log_artifact(path)
         if code != 0:
             mlflow.set_tag("cdc.failed", f"dvc repro exited with status {code}")
             mlflow.end_run(status="FAILED")
             return code
-    summary(Path("data/evaluate/metrics.json"), "params.yaml")
+    summary(Path(EVALUATION), "params.yaml")
     return 0
 
 

@@ -26,8 +26,10 @@ class Stage:
     outputs: dict[str, str]
     kinds: dict[str, str]  # output name -> one of ARTIFACT_KINDS
     params: tuple[str, ...]
-    metrics: tuple[str, ...] = ()  # outputs that are DVC metrics (small JSON, not cached)
-    plots: tuple[str, ...] = ()  # outputs that are DVC plots
+    # DVC metrics and plot sources: small files kept by git under metrics/, not by the DVC cache, so
+    # `dvc exp show`, `dvc metrics diff` and `dvc plots diff` read them at any revision or experiment
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
     persist: tuple[str, ...] = ()  # outputs kept across runs (resume checkpoints), not cached
     flags: dict[str, str] = field(default_factory=dict)  # extra boolean CLI flags -> help
 
@@ -60,8 +62,8 @@ STAGES: list[Stage] = [
         inputs={"prepared": PREPARED},
         outputs={
             "model": TEACHER,
-            "history": "data/teacher/history.csv",
-            "metrics": "data/teacher/metrics.json",
+            "history": "metrics/teacher_history.csv",
+            "metrics": "metrics/teacher.json",
             "checkpoints": "data/teacher/checkpoints",
         },
         kinds={"model": "model", "history": "dataset", "metrics": "metrics", "checkpoints": "artifact"},
@@ -114,8 +116,8 @@ STAGES: list[Stage] = [
         inputs={"prepared": PREPARED, "teacher": TEACHER, "pruned": PRUNED, "dca": "data/dca/dca.npz"},
         outputs={
             "model": "data/student/model.pt",
-            "history": "data/student/history.csv",
-            "metrics": "data/student/metrics.json",
+            "history": "metrics/student_history.csv",
+            "metrics": "metrics/student.json",
         },
         kinds={"model": "model", "history": "dataset", "metrics": "metrics"},
         params=("seed", "distill", RUNTIME),
@@ -130,12 +132,12 @@ STAGES: list[Stage] = [
             "teacher": TEACHER,
             "pruned": PRUNED,
             "student": "data/student/model.pt",
-            "teacher_history": "data/teacher/history.csv",
-            "student_history": "data/student/history.csv",
+            "teacher_history": "metrics/teacher_history.csv",
+            "student_history": "metrics/student_history.csv",
             "prune_report": "data/prune/report.json",
         },
         outputs={
-            "metrics": "data/evaluate/metrics.json",
+            "metrics": "metrics/evaluate.json",
             "report": "data/evaluate/report.md",
             "plots": "data/evaluate/plots",
         },
@@ -166,7 +168,7 @@ def dvc_yaml() -> dict:
         for name, path in s.outputs.items():
             if name in s.metrics or name in s.persist:
                 continue
-            outs.append(path)
+            outs.append({path: {"cache": False}} if name in s.plots else path)
         for name in s.persist:
             outs.append({s.outputs[name]: {"persist": True, "cache": False}})
         entry: dict = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import yaml
 
@@ -62,3 +64,16 @@ def test_cli_has_a_command_per_stage_with_its_paths():
         args = parser.parse_args([stage.name])
         for name, path in {**stage.inputs, **stage.outputs}.items():
             assert str(getattr(args, name)) == path
+
+
+def test_committed_metrics_are_those_of_the_committed_dvc_lock():
+    """metrics/ holds the default run's metrics and plot sources in git (the baseline of every
+    `dvc exp show` and `dvc metrics diff`); they must be the files dvc.lock recorded."""
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    recorded = {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+    tracked = [p for s in STAGES for n, p in s.outputs.items() if n in s.metrics or n in s.plots]
+    assert tracked and all(p.startswith("metrics/") for p in tracked)
+    for path in tracked:
+        assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == recorded[path], (
+            f"{path} is not the file dvc.lock recorded: commit the run's metrics with its dvc.lock"
+        )

@@ -1,0 +1,63 @@
+"""The DVC experiment loop a user runs daily: commit a baseline, `dvc exp run -S ...`, then compare
+with `dvc exp show` and `dvc metrics diff`, in a copy of the tiny `dvc repro` workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_ok
+
+pytestmark = pytest.mark.e2e
+
+
+def _json(args: list[str], repo: Path, env: dict) -> object:
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def _numbers(entry: dict) -> dict:
+    """The metrics of one `dvc exp show --json` entry, by file then key."""
+    data = entry.get("data") or {}
+    return {path: m.get("data", {}) for path, m in (data.get("metrics") or {}).items()}
+
+
+@pytest.fixture(scope="module")
+def experiment(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    ws, env = workspace
+    repo = tmp_path_factory.mktemp("exp") / "repo"
+    shutil.copytree(ws, repo, symlinks=True)
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    run_ok(["dvc", "repro"], repo, env)  # the copy is up to date whatever other tests changed
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "baseline", "--allow-empty"], repo, env)
+    run_ok(["dvc", "exp", "run", "-n", "ratio-0.3", "-S", "prune.ratio=0.3"], repo, env)
+    return repo, env
+
+
+def test_exp_show_has_the_metrics_of_the_baseline_and_the_experiment(experiment):
+    repo, env = experiment
+    rows = _json(["dvc", "exp", "show", "--json"], repo, env)
+    baseline = next(r for r in rows if r.get("rev") != "workspace")
+    (exp,) = [e for e in baseline.get("experiments") or [] if e.get("name") == "ratio-0.3"]
+    base_metrics = _numbers(baseline)
+    exp_metrics = _numbers(exp["revs"][0])
+    for metrics in (base_metrics, exp_metrics):
+        assert {"metrics/teacher.json", "metrics/student.json", "metrics/evaluate.json"} <= set(metrics)
+    base_flops = base_metrics["metrics/evaluate.json"]["student"]["flops"]
+    exp_flops = exp_metrics["metrics/evaluate.json"]["student"]["flops"]
+    assert exp_flops > base_flops  # 30% of channels removed instead of 53%
+    assert exp_metrics["metrics/teacher.json"] == base_metrics["metrics/teacher.json"]  # not rerun
+
+
+def test_metrics_diff_reports_the_students_flops_change(experiment):
+    repo, env = experiment
+    diff = _json(["dvc", "metrics", "diff", "--json"], repo, env)
+    change = diff["metrics/evaluate.json"]["student.flops"]
+    assert isinstance(change["old"], int | float) and isinstance(change["new"], int | float)
+    assert change["diff"] == change["new"] - change["old"] > 0
