@@ -30,7 +30,7 @@ nested MLflow run under one pipeline run per Kubeflow run (tag kfp.run_id)."""
 
 
 def add_kfp_parser(sub: Any) -> None:
-    from pipeline.dag import COMPILED, DEFAULT_IMAGE
+    from pipeline.defaults import COMPILED, DEFAULT_IMAGE
 
     kp = sub.add_parser(
         "kfp",

@@ -21,11 +21,9 @@ from kfp.dsl import base_component
 from cdc.params import Params, load_params
 from components.stages import RAW, STAGES
 from pipeline.components import build_component, section_type
+from pipeline.defaults import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
 from pipeline.entry import POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
 
-PIPELINE_NAME = "cdc-pipeline"
-DEFAULT_IMAGE = "cdc:0.1.0"  # `make image IMAGE=...` builds it; `cdc kfp compile --image` names yours
-COMPILED = Path("pipeline/cdc_pipeline.yaml")
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 

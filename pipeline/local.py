@@ -13,7 +13,8 @@ from typing import Any
 
 from cdc.params import Params
 from components.tracking import setup_mlflow, tracking_uri
-from pipeline.dag import PIPELINE_NAME, build_pipeline
+from pipeline.dag import build_pipeline
+from pipeline.defaults import PIPELINE_NAME
 from pipeline.entry import RUN_ID_ENV, pipeline_run
 
 log = logging.getLogger("cdc.kfp")

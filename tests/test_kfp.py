@@ -17,7 +17,8 @@ from cdc.params import Params
 from components.stages import RAW, STAGES
 from pipeline.cli import main
 from pipeline.components import ARTIFACT_TYPES, output_kinds
-from pipeline.dag import COMPILED, DEFAULT_IMAGE, GPU_RESOURCE, compile_pipeline
+from pipeline.dag import GPU_RESOURCE, compile_pipeline
+from pipeline.defaults import COMPILED, DEFAULT_IMAGE
 from tests.conftest import RAW as RAW_ROOT
 from tests.conftest import REPO, TINY, clean_env, run_ok
 
