@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.stages import STAGES
+from components.stages import STAGE_BY_NAME, STAGES
 from tests.conftest import run_ok as _run
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +33,7 @@ def test_repro_runs_every_stage_and_writes_every_output(workspace, first_repro):
         for path in stage.outputs.values():
             assert (ws / path).exists(), f"{stage.name} did not write {path}"
     assert "| student (distilled) |" in first_repro  # the summary table is printed
-    metrics = json.loads((ws / "data/evaluate/metrics.json").read_text())
+    metrics = json.loads((ws / STAGE_BY_NAME["evaluate"].outputs["metrics"]).read_text())
     for model in ("teacher", "pruned", "student"):
         assert {"test_acc", "flops", "params", "latency_ms_b1", "latency_ms_b64"} <= set(metrics[model])
     assert metrics["pruned"]["flops"] == metrics["student"]["flops"] < 0.5 * metrics["teacher"]["flops"]
