@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -41,8 +42,6 @@ PROFILES = {
 
 def run_profile(name: str, overrides: dict, raw: Path, work: Path, device: str) -> dict:
     """Run every stage in `work` with the profile's params on `device`; per-stage seconds and device."""
-    import os
-
     cuda = device.startswith("cuda")
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"

@@ -13,7 +13,7 @@ NEW=${2:-}
 REPO=$PWD
 PY=$REPO/.venv/bin/python
 [ -f data/teacher/model.pt ] && [ -f data/dca/dca.npz ] || { echo "run the default pipeline first (make run)"; exit 1; }
-W=$(mktemp -d /tmp/cdc-same-results-XXXX)
+W=$(mktemp -d -t cdc-same-results-XXXX)
 trap 'git -C "$REPO" worktree remove --force "$W/old-code" 2>/dev/null || true;
       [ -n "$NEW" ] && git -C "$REPO" worktree remove --force "$W/new-code" 2>/dev/null || true' EXIT
 git worktree add -q --detach "$W/old-code" "$OLD"

@@ -46,10 +46,6 @@ class ScatterAccumulator:
         self._sums = torch.zeros(n_labels, dim, dtype=torch.float64, device=device)
         self._gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
 
-    @classmethod
-    def empty(cls, n_labels: int, dim: int, device: torch.device | str = "cpu") -> ScatterAccumulator:
-        return cls(n_labels, dim, device)
-
     def update(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> None:
         """Add a batch of features (N x d) with their labels (N)."""
         x = torch.as_tensor(x, device=self._gram.device).to(torch.float64)
@@ -152,7 +148,7 @@ def accumulate_scatter(
             model(x)
             feats = pooled_features(tap["out"], pool)
             if acc is None:
-                acc = ScatterAccumulator.empty(n_labels, feats.shape[1], feats.device)
+                acc = ScatterAccumulator(n_labels, feats.shape[1], feats.device)
                 labels = torch.as_tensor(label_map, dtype=torch.int64, device=feats.device)
             assert labels is not None
             acc.update(feats, labels[y])

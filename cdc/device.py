@@ -64,10 +64,6 @@ class Runtime:
         """Loss scaling, enabled only for float16 (bfloat16 has float32's range)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
-    def synchronize(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize(self.device)
-
     def describe(self) -> str:
         """A label for logs and reports, e.g. `cuda:0 (NVIDIA H200, bf16 autocast)` or `cpu (2 threads)`."""
         if not self.is_cuda:

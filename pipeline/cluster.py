@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from cdc.params import Params
+from cdc.params import Params, validate_params
 
 CRON_FIELDS = (  # KFP's cron has a seconds field first: "0 0 3 * * *" is 03:00 every day
     ("second", 0, 59),
@@ -118,8 +118,6 @@ def run_arguments(params: Params, overrides: list[str], extra: dict[str, Any]) -
     }
     for assignment in overrides:
         set_param(args, assignment)
-    from cdc.params import validate_params
-
     validate_params(args, "--set")
     args.update({k: v for k, v in extra.items() if v not in (None, "")})
     return args

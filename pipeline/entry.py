@@ -25,7 +25,13 @@ log = logging.getLogger("cdc.kfp")
 # Set on cluster pods from their metadata (pipeline/dag.py); `cdc kfp run-local` sets KFP_RUN_ID itself.
 RUN_ID_ENV = "KFP_RUN_ID"
 POD_NAME_ENV = "KFP_POD_NAME"
-TRACKING_INPUTS = ("mlflow_tracking_uri", "mlflow_experiment", "s3_endpoint_url")
+# component parameter -> the environment variable it sets for the stage code (empty: leave the pod's)
+TRACKING_ENV = {
+    "mlflow_tracking_uri": "MLFLOW_TRACKING_URI",
+    "mlflow_experiment": "CDC_EXPERIMENT",
+    "s3_endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
+}
+TRACKING_INPUTS = tuple(TRACKING_ENV)
 
 
 def run_component(stage_name: str, args: dict[str, Any]) -> None:
@@ -57,9 +63,7 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
 
 def _configure_tracking(args: dict[str, Any]) -> None:
     """Pipeline parameters override the pod's environment; empty strings leave it as it is."""
-    for name, env in zip(
-        TRACKING_INPUTS, ("MLFLOW_TRACKING_URI", "CDC_EXPERIMENT", "MLFLOW_S3_ENDPOINT_URL"), strict=True
-    ):
+    for name, env in TRACKING_ENV.items():
         if args.get(name):
             os.environ[env] = args[name]
     if os.environ.get(POD_NAME_ENV) and not os.environ.get("MLFLOW_TRACKING_URI"):

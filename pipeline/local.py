@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cdc.params import Params
-from components.tracking import setup_mlflow, tracking_uri
+from components.tracking import tracking_uri
 from pipeline.dag import build_pipeline
 from pipeline.defaults import PIPELINE_NAME
 from pipeline.entry import RUN_ID_ENV, pipeline_run
@@ -47,7 +47,6 @@ def run_local(
     run_id = f"local-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     os.environ[RUN_ID_ENV] = run_id
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()
-    setup_mlflow()
     mlflow_run = pipeline_run(run_id)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),

@@ -30,7 +30,7 @@ def _explicit_scatters(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _accumulate(x: np.ndarray, y: np.ndarray, classes: int, chunk: int = 37) -> ScatterAccumulator:
-    acc = ScatterAccumulator.empty(classes, x.shape[1])
+    acc = ScatterAccumulator(classes, x.shape[1])
     for start in range(0, len(x), chunk):
         acc.update(x[start : start + chunk], y[start : start + chunk])
     return acc

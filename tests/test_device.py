@@ -87,7 +87,7 @@ def test_statistics_and_dca_sums_on_cuda_equal_the_cpu_ones(small_split: Split):
     # identical features: the float64 sums agree to rounding
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(500, 64)), rng.integers(0, 4, 500)
-    on_cpu, on_gpu = ScatterAccumulator.empty(4, 64), ScatterAccumulator.empty(4, 64, "cuda")
+    on_cpu, on_gpu = ScatterAccumulator(4, 64), ScatterAccumulator(4, 64, "cuda")
     for acc in (on_cpu, on_gpu):
         acc.update(x, y)
     for a, b in zip(on_gpu.scatters(), on_cpu.scatters(), strict=True):
