@@ -64,8 +64,10 @@ image:  ## build components/Dockerfile as IMAGE=registry/name:tag and push it (n
 ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-bench: $(BIN)/cdc data  ## benchmarks (print a table, write JSON under bench/results)
-	@for b in bench/*.py; do [ $$b = bench/gpu_check.py ] && continue; $(BIN)/python $$b || exit 1; done
+BENCHES := stats_overhead train_overhead student_speedup pipeline_overhead scale
+bench: $(BIN)/cdc data  ## performance benchmarks (each prints a table, writes bench/results/*.json), then the summary
+	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; echo; done
+	@$(BIN)/python -m bench.summary
 
 clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
 	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts kfp_outputs

@@ -34,7 +34,7 @@ PROFILES = {
         "train_teacher": {"epochs": 1},
         "fit_dca": {"max_images": 1000},
         "distill": {"epochs": 1, "refit_every": 1},
-        "evaluate": {"bn_recalibration_batches": 5, "latency_repeats": 10},
+        "evaluate": {"bn_recalibration_batches": 5, "latency_rounds": 5},
     },
     "default": {},
 }

@@ -1,44 +1,33 @@
 """The project's one FLOPs convention: multiply-accumulates of conv and linear layers.
 
-Counted at the dataset's input size for one image; BN, ReLU, pooling and additions are not counted.
-Parameters: every learnable parameter.
+Counted at the dataset's input size for one image; BN, ReLU, pooling, additions and biases are not
+counted. PyTorch's own `torch.utils.flop_counter` does the counting (it reads the dispatched aten ops,
+so grouped, strided and dilated convs are right by construction); its FLOPs are 2 x MACs, and only its
+convolution and matrix-multiply entries are kept. Parameters: every learnable parameter.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_aten = torch.ops.aten
+COUNTED_OPS = (_aten.convolution, _aten._convolution, _aten.addmm, _aten.mm, _aten.bmm, _aten.matmul)
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """MACs of one forward pass of a single image of shape (C, H, W)."""
-    total = 0
-
-    def conv_hook(module: nn.Conv2d, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        total += out.numel() // out.shape[0] * (module.in_channels // module.groups) * kh * kw
-
-    def linear_hook(module: nn.Linear, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
-        nonlocal total
-        total += out.numel() // out.shape[0] * module.in_features
-
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+    """MACs of one eval-mode forward pass of a single image of shape (C, H, W)."""
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad():
+        with counter, torch.no_grad():
             model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return int(total)
+    flops = counter.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in flops.items() if op in COUNTED_OPS)) // 2
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cdc.data import DATASETS
 from cdc.device import DEVICE_PATTERN
 from cdc.discriminants import DISCRIMINANTS
+from cdc.inference import INFERENCE_FORMS
 from cdc.models import MODELS
 from cdc.pruning import BUDGETS
 
@@ -73,6 +74,7 @@ class PruneParams(Section):
     budget: str = "uniform"
     ratio: float = Field(0.53, ge=0, lt=1, description="uniform: fraction of channels removed per layer")
     ratios: list[float] | None = Field(None, description="per_layer: one removal fraction per layer")
+    round_to: int = Field(1, ge=1, description="kept widths rounded to a multiple of this (1: no rounding)")
 
     @field_validator("budget")
     @classmethod
@@ -116,7 +118,14 @@ class EvaluateParams(Section):
     batch_size: int = Field(512, ge=1)
     bn_recalibration_batches: int = Field(100, ge=1)
     latency_batch_sizes: list[int] = [1, 64]
-    latency_repeats: int = Field(30, ge=1)
+    latency_form: str = Field("folded", description="inference form timed (cdc.inference.INFERENCE_FORMS)")
+    latency_threads: int | None = Field(None, ge=1, description="CPU threads while timing (null: torch's)")
+    latency_rounds: int = Field(30, ge=3, description="interleaved rounds; medians and spreads over them")
+
+    @field_validator("latency_form")
+    @classmethod
+    def _known_form(cls, v: str) -> str:
+        return _check_registry(v, dict.fromkeys(INFERENCE_FORMS), "inference form")
 
 
 class RuntimeParams(Section):

@@ -7,8 +7,6 @@ a GPU step never waits for the host except for the finiteness check of the loss.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -136,38 +134,3 @@ def recalibrate_bn(model: nn.Module, batches: BatchIterable, max_batches: int | 
     for m, momentum in zip(bns, saved, strict=True):
         m.momentum = momentum
     model.eval()
-
-
-@torch.no_grad()
-def measure_latency(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    batch_size: int,
-    repeats: int,
-    warmup: int = 3,
-    device: torch.device = CPU.device,
-) -> float:
-    """Median time in milliseconds of one eval-mode forward pass of a batch on `device`.
-
-    On CUDA the pass is timed with CUDA events around it and a synchronize after, since kernel
-    launches return before the GPU has finished; on CPU with the wall clock.
-    """
-    model.eval()
-    x = torch.randn(batch_size, *input_shape).to(device)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start_event = torch.cuda.Event(enable_timing=True)
-            end_event = torch.cuda.Event(enable_timing=True)
-            start_event.record()
-            model(x)
-            end_event.record()
-            end_event.synchronize()
-            times.append(start_event.elapsed_time(end_event))
-        else:
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)

@@ -2,8 +2,12 @@
 
 "pruned" is the pruned model before fine-tuning with its BN statistics recalibrated on training data:
 the cleanest measure of which channels were kept. Writes DVC metrics JSON, a markdown report and
-PNG plots (DVC's own HTML plots need a CDN and do not render offline). Latency is measured on the
-device the stage runs on (`runtime.device`), recorded as `latency_device` next to the figures.
+PNG plots (DVC's own HTML plots need a CDN and do not render offline).
+
+Latency is measured on the device the stage runs on (`runtime.device`), in the inference form a
+deployment would run (`evaluate.latency_form`, BN folded by default), the three models interleaved on a
+fixed thread count (cdc.latency): speed-ups are medians of per-round ratios, with their spread. The
+device, form and threads are recorded next to the figures.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from matplotlib.figure import Figure
 
 from cdc.data import load_prepared
 from cdc.flops import count_macs, count_params
+from cdc.inference import inference_forward
 from cdc.io import atomic_path, load_model, read_json, write_json
+from cdc.latency import compare_latency, threads
 from cdc.params import Params
-from cdc.train import evaluate, measure_latency, recalibrate_bn
+from cdc.train import evaluate, recalibrate_bn
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
@@ -38,24 +44,36 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     recal = data.batches("train", 128, shuffle=True, seed=params.seed, device=device)
     recalibrate_bn(models["pruned"], recal, p.bn_recalibration_batches)
 
-    metrics: dict = {"latency_device": runtime.describe()}
+    if p.latency_form == "onnxruntime" and device.type != "cpu":
+        raise ValueError(f"evaluate.latency_form onnxruntime runs on CPU only; the stage runs on {device}")
+    metrics: dict = {name: {} for name in MODELS}
     for name, model in models.items():
-        m = {
+        metrics[name] = {
             "test_acc": evaluate(model, data.batches("test", p.batch_size, device=device)).accuracy,
             "flops": count_macs(model, shape),
             "params": count_params(model),
         }
-        for bs in p.latency_batch_sizes:
-            m[f"latency_ms_b{bs}"] = measure_latency(model, shape, bs, p.latency_repeats, device=device)
-        metrics[name] = m
-        log.info("%s: %s", name, m)
     t, s = metrics["teacher"], metrics["student"]
-    metrics["student_vs_teacher"] = {
+    ratios: dict = {
         "acc_drop_points": 100 * (t["test_acc"] - s["test_acc"]),
         "flops_ratio": s["flops"] / t["flops"],
         "params_ratio": s["params"] / t["params"],
-        **{f"speedup_b{bs}": t[f"latency_ms_b{bs}"] / s[f"latency_ms_b{bs}"] for bs in p.latency_batch_sizes},
     }
+    with threads(p.latency_threads if device.type == "cpu" else None) as n_threads:
+        for bs in p.latency_batch_sizes:
+            x = torch.randn(bs, *shape, device=device)
+            forwards = {n: inference_forward(m, p.latency_form, x, n_threads) for n, m in models.items()}
+            latency = compare_latency(forwards, rounds=p.latency_rounds, device=device)
+            for name in MODELS:
+                metrics[name][f"latency_ms_b{bs}"] = latency[name].ms
+            ratios[f"speedup_b{bs}"] = latency["student"].speedup
+            ratios[f"speedup_b{bs}_spread"] = latency["student"].spread
+    for name in MODELS:
+        log.info("%s: %s", name, metrics[name])
+    metrics["student_vs_teacher"] = ratios
+    metrics["latency_device"] = runtime.describe()
+    metrics["latency_form"] = p.latency_form
+    metrics["latency_threads"] = n_threads
     write_json(outputs["metrics"], metrics)
     tracker.log_metrics(
         {f"{g}.{k}": v for g, d in metrics.items() if isinstance(d, dict) for k, v in d.items()}
@@ -100,8 +118,10 @@ def summary_table(metrics: dict, batch_sizes: list[int]) -> str:
         cells += [f"{m[f'latency_ms_b{bs}']:.2f}" for bs in batch_sizes]
         lines.append("| " + " | ".join(cells) + " |")
     r = metrics["student_vs_teacher"]
-    speed = ", ".join(f"{r[f'speedup_b{bs}']:.2f}x at batch {bs}" for bs in batch_sizes)
-    speed += f" (latency on {metrics.get('latency_device', 'cpu')})"
+    speed = ", ".join(
+        f"{r[f'speedup_b{bs}']:.2f}x ± {r[f'speedup_b{bs}_spread']:.2f} at batch {bs}" for bs in batch_sizes
+    )
+    speed += f" ({latency_conditions(metrics)})"
     lines.append("")
     lines.append(
         f"Student vs teacher: {-r['acc_drop_points']:+.2f} points of test accuracy, "
@@ -109,6 +129,12 @@ def summary_table(metrics: dict, batch_sizes: list[int]) -> str:
         f"FLOPs, {100 * r['params_ratio']:.1f}% of the params, measured speed-up {speed}."
     )
     return "\n".join(lines)
+
+
+def latency_conditions(metrics: dict) -> str:
+    return (
+        f"{metrics['latency_device']}, {metrics['latency_form']} form, {metrics['latency_threads']} threads"
+    )
 
 
 def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> str:
@@ -120,8 +146,9 @@ def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> 
     )
     return (
         "# CDC evaluation report\n\n"
-        "FLOPs are multiply-accumulates of conv and linear layers for one image; latency is the median of "
-        f"repeated forward passes on {metrics.get('latency_device', 'cpu')}.\n\n"
+        "FLOPs are multiply-accumulates of conv and linear layers for one image; latency is the median "
+        f"over interleaved rounds of forward passes ({latency_conditions(metrics)}); a speed-up is the "
+        "median of per-round ratios, ± half their interquartile range.\n\n"
         f"{summary_table(metrics, batch_sizes)}\n\n"
         f"## Pruned widths ({prune_report['budget']} budget)\n\n"
         f"| layer | before | after |\n|---|---|---|\n{widths}\n\n"

@@ -42,6 +42,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     save_model(outputs["model"], model, record["arch"], record["num_classes"], record["in_channels"])
     report = {
         "budget": params.prune.budget,
+        "round_to": params.prune.round_to,
         "layers": names,
         "widths_before": widths_before,
         "widths_after": model.widths(),

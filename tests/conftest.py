@@ -56,7 +56,7 @@ TINY = {
     "score": {"n_coarse": 3},
     "fit_dca": {"max_images": 200},
     "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1},
-    "evaluate": {"bn_recalibration_batches": 3, "latency_repeats": 3},
+    "evaluate": {"bn_recalibration_batches": 3, "latency_rounds": 3},
 }
 
 

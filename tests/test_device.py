@@ -15,10 +15,11 @@ from cdc.data import Split
 from cdc.dca import ScatterAccumulator, accumulate_scatter
 from cdc.device import CPU, make_runtime, resolve_device
 from cdc.io import load_model, save_model
+from cdc.latency import compare_latency
 from cdc.models import build_model
 from cdc.params import ParamsError, validate_params
 from cdc.stats import collect_stats, confusion_matrix
-from cdc.train import evaluate, measure_latency, sgd, train_one_epoch, warmup_cosine
+from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
 from tests.conftest import batches
 
 HAS_CUDA = torch.cuda.is_available()
@@ -116,6 +117,9 @@ def test_a_checkpoint_written_on_cuda_loads_on_a_cpu_only_machine(tmp_path: Path
 @gpu
 @pytest.mark.gpu
 def test_latency_is_timed_on_the_gpu():
-    model = build_model("resnet20", 10, 1).to("cuda")
-    ms = measure_latency(model, (1, 28, 28), 64, repeats=5, device=torch.device("cuda"))
-    assert 0 < ms < 1000
+    model = build_model("resnet20", 10, 1).to("cuda").eval()
+    x = torch.randn(64, 1, 28, 28, device="cuda")
+    lat = compare_latency(
+        {"a": lambda: model(x), "b": lambda: model(x)}, rounds=5, device=torch.device("cuda")
+    )
+    assert 0 < lat["a"].ms < 1000 and lat["b"].speedup > 0

@@ -112,7 +112,7 @@ def test_schedule_sends_the_cron_params_and_pipeline_spec(api: str, in_repo: Non
     config = body["runtime_config"]
     assert config["pipeline_root"] == "s3://bucket/cdc/runs"
     parameters = config["parameters"]
-    assert parameters["prune"] == {"budget": "uniform", "ratio": 0.4}
+    assert parameters["prune"] == {"budget": "uniform", "ratio": 0.4, "round_to": 1}
     assert parameters["runtime"]["device"] == "cuda"
     assert parameters["raw_uri"] == "s3://bucket/cdc/raw"
     assert parameters["mlflow_tracking_uri"] == "http://mlflow.mlflow:5000"

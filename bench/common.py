@@ -1,0 +1,59 @@
+"""What every benchmark shares: the machine line, the target check, the JSON record and table printing.
+
+Each benchmark writes bench/results/<name>.json with its measurements and a `targets` list
+(figure, value, target, met) that bench/summary.py gathers into one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import date
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """CPU model, cores visible and torch threads; the GPU when one is visible."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def target(figure: str, value: float, op: str, bound: float, note: str = "") -> dict:
+    """One figure against its target; `op` is '>=' or '<='."""
+    met = value >= bound if op == ">=" else value <= bound
+    return {"figure": figure, "value": value, "target": f"{op} {bound:g}", "met": bool(met), "note": note}
+
+
+def reported(figure: str, value: float, note: str = "") -> dict:
+    """A figure recorded without a target."""
+    return {"figure": figure, "value": value, "target": "reported", "met": None, "note": note}
+
+
+def write_result(name: str, result: dict, targets: list[dict], command: str) -> Path:
+    record = {"date": date.today().isoformat(), "machine": machine(), "command": command, **result}
+    record["targets"] = targets
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

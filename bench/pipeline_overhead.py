@@ -1,0 +1,154 @@
+"""What the pipeline costs besides the work: a cached `dvc repro`, and per stage the time outside its body.
+
+In a temporary copy of the repository (git + DVC, the tiny params profile of the tests) the pipeline runs
+once; then a cached `dvc repro` and `cdc repro` (which adds the MLflow pipeline run and the summary) are
+timed, and every stage's command from dvc.yaml is rerun alone, its wall time split into the stage body
+(`timing.stage_s`, logged by components.runner) and the rest: process start, imports, params validation,
+MLflow run set-up, input/output hashing and artifact logging. Targets: cached `dvc repro` <= 1 s;
+overhead <= 2 s per stage. Writes bench/results/pipeline_overhead.json.
+
+    python -m bench.pipeline_overhead [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from bench.common import markdown_table, reported, target, write_result
+from cdc.params import Params
+from components.stages import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "data": {"train_limit": 600, "test_limit": 200, "val_size": 100},
+    "train_teacher": {"epochs": 1, "batch_size": 64},
+    "score": {"n_coarse": 3},
+    "fit_dca": {"max_images": 200},
+    "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1},
+    "evaluate": {"bn_recalibration_batches": 3, "latency_rounds": 3},
+}
+
+
+def sh(args: list[str] | str, cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=cwd, env=env, shell=isinstance(args, str), capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def make_workspace(ws: Path) -> dict[str, str]:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ws / rel)
+    shutil.copytree(REPO / "data/raw/FashionMNIST", ws / "data/raw/FashionMNIST")
+    (ws / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_", "KFP_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}",
+        GIT_AUTHOR_NAME="b",
+        GIT_AUTHOR_EMAIL="b@b",
+        GIT_COMMITTER_NAME="b",
+        GIT_COMMITTER_EMAIL="b@b",
+    )
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        sh(cmd, ws, env)
+    return env
+
+
+def stage_seconds(ws: Path, stage: str) -> float:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`cdc.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return float(runs["metrics.timing.stage_s"].iloc[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp)
+        env = make_workspace(ws)
+        t_first = sh(["cdc", "repro"], ws, env)
+        cached = {
+            "dvc repro": statistics.median(sh(["dvc", "repro"], ws, env) for _ in range(args.repeats)),
+            "dvc status": statistics.median(sh(["dvc", "status"], ws, env) for _ in range(args.repeats)),
+            "cdc repro": statistics.median(sh(["cdc", "repro"], ws, env) for _ in range(args.repeats)),
+            "python -c pass": statistics.median(
+                sh([sys.executable, "-c", "pass"], ws, env) for _ in range(3)
+            ),
+            "import dvc.repo": statistics.median(
+                sh([sys.executable, "-c", "import dvc.repo"], ws, env) for _ in range(3)
+            ),
+        }
+        commands = {
+            name: stage["cmd"]
+            for name, stage in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].items()
+        }
+        stages = []
+        for stage in STAGES:
+            walls, bodies = [], []
+            for _ in range(args.repeats):
+                walls.append(sh(commands[stage.name], ws, env))
+                bodies.append(stage_seconds(ws, stage.name))
+            wall, body = statistics.median(walls), statistics.median(bodies)
+            stages.append({"stage": stage.name, "wall_s": wall, "body_s": body, "overhead_s": wall - body})
+    print(f"first run of the tiny pipeline: {t_first:.1f} s\n")
+    print(
+        markdown_table(["fully cached / reference", "seconds"], [[k, f"{v:.2f}"] for k, v in cached.items()])
+    )
+    print(
+        "\n"
+        + markdown_table(
+            ["stage (alone, tiny profile)", "wall (s)", "stage body (s)", "overhead (s)"],
+            [
+                [s["stage"], f"{s['wall_s']:.2f}", f"{s['body_s']:.2f}", f"{s['overhead_s']:.2f}"]
+                for s in stages
+            ],
+        )
+    )
+    worst = max(stages, key=lambda s: s["overhead_s"])
+    write_result(
+        "pipeline_overhead",
+        {"first_run_s": t_first, "cached": cached, "stages": stages},
+        [
+            target("fully cached dvc repro (s)", cached["dvc repro"], "<=", 1.0),
+            target("largest per-stage overhead (s)", worst["overhead_s"], "<=", 2.0, worst["stage"]),
+            reported("fully cached cdc repro (s)", cached["cdc repro"]),
+        ],
+        "python -m bench.pipeline_overhead " + " ".join(sys.argv[1:]),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Inference forms of a trained model: what a deployment runs, so its latency is what a user gets.
+
+Fewer FLOPs only pay if the runtime turns them into less time. The forms here are the field's usual
+ones, each a separate step so its effect can be measured alone (bench/student_speedup.py):
+BN folded into the preceding conv (PyTorch's FX fuser), channels-last memory layout, `torch.compile` of
+the folded model (compiles on its first call: tens of seconds on a small CPU), and an ONNX export run by
+ONNX Runtime (which folds BN itself and has a lower per-operator cost than eager PyTorch).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx.experimental.optimization as fx_optimization
+from torch import nn
+
+INFERENCE_FORMS = ("eager", "folded", "folded_channels_last", "compiled", "onnxruntime")
+Forward = Callable[[], object]
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy with every conv -> BN pair folded into one conv (same outputs up to rounding)."""
+    return fx_optimization.fuse(copy.deepcopy(model).eval(), inplace=True)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path | None = None) -> bytes:
+    """ONNX export (torch.export based) with a dynamic batch dimension, input `images`, output `logits`."""
+    program = torch.onnx.export(
+        copy.deepcopy(model).eval(),
+        (example,),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        verbose=False,
+    )
+    data = program.model_proto.SerializeToString()
+    if path is not None:
+        path.write_bytes(data)
+    return data
+
+
+def onnx_session(onnx_bytes: bytes, threads: int | None = None):  # -> onnxruntime.InferenceSession
+    """A CPU ONNX Runtime session with `threads` intra-op threads (None: ONNX Runtime's default).
+
+    Idle worker threads sleep rather than spin: spinning threads steal the cores that the other models
+    of an interleaved measurement (and other tenants of a shared machine) are timed on.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def inference_forward(model: nn.Module, form: str, x: torch.Tensor, threads: int | None = None) -> Forward:
+    """A no-argument callable that runs `model` on `x` in the given inference form."""
+    model = model.eval()
+    if form == "eager":
+        return lambda: model(x)
+    if form == "folded":
+        folded = fold_batchnorm(model)
+        return lambda: folded(x)
+    if form == "folded_channels_last":
+        folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        return lambda: folded(x_cl)
+    if form == "compiled":
+        compiled = torch.compile(fold_batchnorm(model))
+        return lambda: compiled(x)
+    if form == "onnxruntime":
+        if x.device.type != "cpu":
+            raise ValueError("the onnxruntime form runs on CPU only")
+        session = onnx_session(export_onnx(model, x), threads)
+        feed = {"images": np.ascontiguousarray(x.numpy())}
+        return lambda: session.run(None, feed)
+    raise ValueError(f"unknown inference form {form!r}; known: {', '.join(INFERENCE_FORMS)}")
