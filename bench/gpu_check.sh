@@ -33,4 +33,7 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
 "$PY" -m pytest -q -m gpu tests/test_device.py   # mixed precision, device-side sums, CPU-loadable checkpoints
+# the performance figures on the GPU (bench/results/*_cuda.json): statistics pass vs inference, student speed-up
+"$PY" -m bench.stats_overhead --device cuda
+"$PY" -m bench.student_speedup --device cuda --forms eager folded folded_channels_last --rounds 20
 exec "$PY" bench/gpu_check.py --out "$OUT"

@@ -141,7 +141,7 @@ def main() -> None:
         ),
     ]
     write_result(
-        "stats_overhead",
+        "stats_overhead" if device.type == "cpu" else f"stats_overhead_{device.type}",
         {
             "arch": args.arch,
             "device": str(device),

@@ -21,6 +21,7 @@ import sys
 import torch
 
 from bench.common import markdown_table, target, write_result
+from cdc.device import resolve_device
 from cdc.flops import count_macs
 from cdc.inference import INFERENCE_FORMS, inference_forward
 from cdc.latency import compare_latency, threads
@@ -33,16 +34,16 @@ INPUT_SHAPE = (1, 28, 28)
 CONV_SHAPES = [(16, 16, 28), (16, 8, 28), (8, 16, 28), (32, 32, 14), (32, 15, 14), (32, 16, 14), (15, 32, 14)]
 
 
-def conv_kernels(batch_size: int, rounds: int) -> list[dict]:
+def conv_kernels(batch_size: int, rounds: int, device: torch.device) -> list[dict]:
     """Interleaved time of single 3x3 convs (in -> out channels at HxW): MACs per second by width."""
     forwards, macs = {}, {}
     for c_in, c_out, hw in CONV_SHAPES:
-        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).eval()
-        x = torch.randn(batch_size, c_in, hw, hw)
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to(device).eval()
+        x = torch.randn(batch_size, c_in, hw, hw, device=device)
         name = f"{c_in} -> {c_out} @ {hw}x{hw}"
         forwards[name] = lambda conv=conv, x=x: conv(x)
         macs[name] = batch_size * hw * hw * c_out * c_in * 9
-    lat = compare_latency(forwards, rounds=rounds)
+    lat = compare_latency(forwards, rounds=rounds, device=device)
     return [{"conv": n, "ms": lat[n].ms, "gmacs": macs[n] / lat[n].ms / 1e6} for n in forwards]
 
 
@@ -57,10 +58,13 @@ def main() -> None:
     parser.add_argument("--forms", nargs="+", default=list(INFERENCE_FORMS), choices=INFERENCE_FORMS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:N] (onnxruntime is CPU only)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    forms = [f for f in args.forms if device.type == "cpu" or f != "onnxruntime"]
 
     torch.manual_seed(0)
-    teacher = build_model(args.arch, 10, INPUT_SHAPE[0]).eval()
+    teacher = build_model(args.arch, 10, INPUT_SHAPE[0]).to(device).eval()
     names = [layer.name for layer in teacher.prunable_layers()]
     models = {"teacher": teacher}
     budgets = [("uniform", {"ratio": args.ratio, "round_to": m}) for m in args.round_to]
@@ -71,19 +75,21 @@ def main() -> None:
     for budget, budget_params in budgets:
         widths = keep_counts(budget, names, teacher.widths(), budget_params)
         label = f"{budget} round_to {budget_params['round_to']}"
-        models[f"student ({label})"] = build_model(args.arch, 10, INPUT_SHAPE[0], widths).eval()
+        models[f"student ({label})"] = build_model(args.arch, 10, INPUT_SHAPE[0], widths).to(device).eval()
     first = next(n for n in models if n.startswith("student ("))
-    models["student twin"] = build_model(args.arch, 10, INPUT_SHAPE[0], models[first].widths()).eval()
+    models["student twin"] = (
+        build_model(args.arch, 10, INPUT_SHAPE[0], models[first].widths()).to(device).eval()
+    )
     flops = {name: count_macs(m, INPUT_SHAPE) for name, m in models.items()}
     students = [n for n in models if n.startswith("student (")]
 
     rows, records = [], []
     with threads(args.threads) as n_threads:
         for bs in args.batch_sizes:
-            x = torch.randn(bs, *INPUT_SHAPE)
-            for form in args.forms:
+            x = torch.randn(bs, *INPUT_SHAPE, device=device)
+            for form in forms:
                 forwards = {name: inference_forward(m, form, x, n_threads) for name, m in models.items()}
-                lat = compare_latency(forwards, rounds=args.rounds)
+                lat = compare_latency(forwards, rounds=args.rounds, device=device)
                 twin = lat["student twin"].speedup / lat[first].speedup
                 for name in students:
                     r = lat[name]
@@ -133,7 +139,7 @@ def main() -> None:
                     ),
                     flush=True,
                 )
-        conv_rows = conv_kernels(64, args.rounds)
+        conv_rows = conv_kernels(64, args.rounds, device)
 
     print(
         "\n"
@@ -152,7 +158,7 @@ def main() -> None:
             rows,
         )
     )
-    print(f"\nSingle 3x3 convolutions, batch 64, {args.threads} threads (where the FLOPs cut is lost):\n")
+    print(f"\nSingle 3x3 convolutions, batch 64, {device}, {args.threads} threads (where the cut is lost):\n")
     print(
         markdown_table(
             ["conv", "ms", "GMAC/s"], [[r["conv"], f"{r['ms']:.3f}", f"{r['gmacs']:.1f}"] for r in conv_rows]
@@ -165,7 +171,7 @@ def main() -> None:
             best = max(cands, key=lambda r: r["efficiency"])
             targets.append(
                 target(
-                    f"student speed-up efficiency, batch {bs} (CPU)",
+                    f"student speed-up efficiency, batch {bs} ({device.type})",
                     best["efficiency"],
                     ">=",
                     bound,
@@ -174,16 +180,17 @@ def main() -> None:
                 )
             )
     write_result(
-        "student_speedup",
+        "student_speedup" if device.type == "cpu" else f"student_speedup_{device.type}",
         {
             "arch": args.arch,
+            "device": str(device),
             "threads": args.threads,
             "rounds": args.rounds,
             "rows": records,
             "conv_kernels_b64": conv_rows,
         },
         targets,
-        "python bench/student_speedup.py " + " ".join(sys.argv[1:]),
+        "python -m bench.student_speedup " + " ".join(sys.argv[1:]),
     )
 
 

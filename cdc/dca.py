@@ -88,20 +88,18 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     """Top `n_components` generalized eigenvectors W (d x n) and eigenvalues, descending.
 
     rho = 0.02 * lambda_max(S_W), rho' = 0.1 * rho. W is B-orthonormal: W^T (S_W + rho I) W = I.
+    LAPACK computes only the eigenpairs asked for (the top one of S_W, the top n of the pencil): at
+    d = 2048 this halves the time of a full decomposition (bench/scale.py).
     """
     d = s_b.shape[0]
-    rho = 0.02 * float(np.linalg.eigvalsh(s_w)[-1])
+    n_components = min(n_components, d)
+    top_w = scipy.linalg.eigh(s_w, eigvals_only=True, subset_by_index=[d - 1, d - 1], driver="evr")
+    rho = 0.02 * float(top_w[0])
     rho_prime = 0.1 * rho
     a = s_b + s_w + (rho + rho_prime) * np.eye(d)
     b = s_w + rho * np.eye(d)
-    chol = np.linalg.cholesky(b)  # b = L L^T
-    inner = scipy.linalg.solve_triangular(
-        chol, scipy.linalg.solve_triangular(chol, a, lower=True).T, lower=True
-    )
-    values, vectors = np.linalg.eigh((inner + inner.T) / 2)
-    order = np.argsort(values)[::-1][:n_components]
-    w = scipy.linalg.solve_triangular(chol.T, vectors[:, order], lower=False)
-    return w, values[order]
+    values, vectors = scipy.linalg.eigh(a, b, subset_by_index=[d - n_components, d - 1], driver="gvx")
+    return vectors[:, ::-1], values[::-1]
 
 
 def fit_dca(acc: ScatterAccumulator) -> np.ndarray:

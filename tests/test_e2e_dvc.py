@@ -37,10 +37,15 @@ def test_repro_runs_every_stage_and_writes_every_output(workspace, first_repro):
     for model in ("teacher", "pruned", "student"):
         assert {"test_acc", "flops", "params", "latency_ms_b1", "latency_ms_b64"} <= set(metrics[model])
     assert metrics["pruned"]["flops"] == metrics["student"]["flops"] < 0.5 * metrics["teacher"]["flops"]
+    # latency measured interleaved in the deployment form, each speed-up with its spread
+    assert metrics["latency_form"] == "folded" and metrics["latency_threads"] >= 1
+    ratios = metrics["student_vs_teacher"]
+    assert ratios["speedup_b1"] > 0 and ratios["speedup_b64_spread"] >= 0
     plots = sorted(p.name for p in (ws / "data/evaluate/plots").iterdir())
     assert plots == ["accuracy_vs_flops.png", "training_curves.png", "widths.png"]
     assert all((ws / "data/evaluate/plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-    assert "| student (distilled) |" in (ws / "data/evaluate/report.md").read_text()
+    report = (ws / "data/evaluate/report.md").read_text()
+    assert "| student (distilled) |" in report and "folded form" in report and "x ± " in report
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert list(lock["stages"]) == [s.name for s in STAGES]
 
