@@ -83,10 +83,26 @@ def main() -> None:
     flops = {name: count_macs(m, INPUT_SHAPE) for name, m in models.items()}
     students = [n for n in models if n.startswith("student (")]
 
-    rows, records = [], []
+    rows, records, form_rows = [], [], []
     with threads(args.threads) as n_threads:
         for bs in args.batch_sizes:
             x = torch.randn(bs, *INPUT_SHAPE, device=device)
+            # what each inference form buys: the teacher in every form, timed against itself in eager
+            by_form = compare_latency(
+                {form: inference_forward(teacher, form, x, n_threads) for form in forms},
+                rounds=args.rounds,
+                device=device,
+            )
+            for form, r in by_form.items():
+                form_rows.append(
+                    {
+                        "batch_size": bs,
+                        "form": form,
+                        "teacher_ms": r.ms,
+                        "vs_first": r.speedup,
+                        "spread": r.spread,
+                    }
+                )
             for form in forms:
                 forwards = {name: inference_forward(m, form, x, n_threads) for name, m in models.items()}
                 lat = compare_latency(forwards, rounds=args.rounds, device=device)
@@ -141,6 +157,22 @@ def main() -> None:
                 )
         conv_rows = conv_kernels(64, args.rounds, device)
 
+    print(f"\nThe teacher in each inference form, timed interleaved (speed-up over {forms[0]}):\n")
+    print(
+        markdown_table(
+            ["batch", "form", "teacher ms", f"speed-up over {forms[0]} ± spread"],
+            [
+                [
+                    r["batch_size"],
+                    r["form"],
+                    f"{r['teacher_ms']:.3f}",
+                    f"{r['vs_first']:.2f} ± {r['spread']:.2f}",
+                ]
+                for r in form_rows
+            ],
+        )
+    )
+
     print(
         "\n"
         + markdown_table(
@@ -187,6 +219,7 @@ def main() -> None:
             "threads": args.threads,
             "rounds": args.rounds,
             "rows": records,
+            "teacher_by_form": form_rows,
             "conv_kernels_b64": conv_rows,
         },
         targets,

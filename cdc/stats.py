@@ -106,9 +106,11 @@ class StatsCollector:
                 st = _DeviceSums(counts, x.shape[2] * x.shape[3], zeros, zeros.clone())
                 self._sums[name] = st
             # Per-image sums over pixels in float32 (two light reductions, no float64 copy of the map),
-            # then per class in float64.
-            s1 = x.sum((2, 3), dtype=torch.float32).double()
-            s2 = torch.linalg.vector_norm(x, dim=(2, 3), dtype=torch.float32).double().square()
+            # then per class in float64. The reductions run over a 2-D (image x channel, pixel) view:
+            # vector_norm over dims (2, 3) of a 4-D map takes a path ten times slower on real maps.
+            flat = x.reshape(x.shape[0] * x.shape[1], -1)
+            s1 = flat.sum(1, dtype=torch.float32).double().view(x.shape[0], x.shape[1])
+            s2 = torch.linalg.vector_norm(flat, dim=1).double().square().view(x.shape[0], x.shape[1])
             st.n += self._counts
             st.s1 += self._onehot_t @ s1
             st.s2 += self._onehot_t @ s2

@@ -132,9 +132,11 @@ def summary_table(metrics: dict, batch_sizes: list[int]) -> str:
 
 
 def latency_conditions(metrics: dict) -> str:
-    return (
-        f"{metrics['latency_device']}, {metrics['latency_form']} form, {metrics['latency_threads']} threads"
-    )
+    """Where and how latency was timed, e.g. `cpu, folded form, 2 threads`."""
+    device = metrics["latency_device"]
+    if device.startswith("cpu"):
+        return f"cpu, {metrics['latency_form']} form, {metrics['latency_threads']} threads"
+    return f"{device}, {metrics['latency_form']} form"
 
 
 def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> str:
