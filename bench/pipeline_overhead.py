@@ -14,8 +14,6 @@ overhead <= 2 s per stage. Writes bench/results/pipeline_overhead.json.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,18 +24,8 @@ from pathlib import Path
 import yaml
 
 from bench.common import markdown_table, reported, target, write_result
-from cdc.params import Params
 from components.stages import STAGES
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "data": {"train_limit": 600, "test_limit": 200, "val_size": 100},
-    "train_teacher": {"epochs": 1, "batch_size": 64},
-    "score": {"n_coarse": 3},
-    "fit_dca": {"max_images": 200},
-    "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1},
-    "evaluate": {"bn_recalibration_batches": 3, "latency_rounds": 3},
-}
+from tests.workspace import REPO, make_workspace
 
 
 def sh(args: list[str] | str, cwd: Path, env: dict[str, str]) -> float:
@@ -47,35 +35,6 @@ def sh(args: list[str] | str, cwd: Path, env: dict[str, str]) -> float:
     if proc.returncode:
         sys.exit(f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return elapsed
-
-
-def make_workspace(ws: Path) -> dict[str, str]:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, ws / rel)
-    shutil.copytree(REPO / "data/raw/FashionMNIST", ws / "data/raw/FashionMNIST")
-    (ws / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_", "KFP_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        DVC_NO_ANALYTICS="1",
-        MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}",
-        GIT_AUTHOR_NAME="b",
-        GIT_AUTHOR_EMAIL="b@b",
-        GIT_COMMITTER_NAME="b",
-        GIT_COMMITTER_EMAIL="b@b",
-    )
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        sh(cmd, ws, env)
-    return env
 
 
 def stage_seconds(ws: Path, stage: str) -> float:
@@ -99,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp)
-        env = make_workspace(ws)
+        env = make_workspace(ws, REPO / "data" / "raw")
         t_first = sh(["cdc", "repro"], ws, env)
         cached = {
             "dvc repro": statistics.median(sh(["dvc", "repro"], ws, env) for _ in range(args.repeats)),

@@ -54,13 +54,10 @@ def synthetic_confusion(classes: int, rng: np.random.Generator) -> np.ndarray:
     return base
 
 
-def timed(fn, repeats: int = 1):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 def main() -> None:

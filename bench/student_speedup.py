@@ -29,6 +29,17 @@ from cdc.models import build_model
 from cdc.pruning import keep_counts
 
 INPUT_SHAPE = (1, 28, 28)
+ROW_HEADER = [
+    "batch",
+    "form",
+    "student",
+    "teacher ms",
+    "student ms",
+    "speed-up ± spread",
+    "FLOPs kept",
+    "efficiency",
+    "twin/student",
+]
 
 
 CONV_SHAPES = [(16, 16, 28), (16, 8, 28), (8, 16, 28), (32, 32, 14), (32, 15, 14), (32, 16, 14), (15, 32, 14)]
@@ -138,23 +149,7 @@ def main() -> None:
                             f"{twin:.3f}",
                         ]
                     )
-                print(
-                    markdown_table(
-                        [
-                            "batch",
-                            "form",
-                            "student",
-                            "teacher ms",
-                            "student ms",
-                            "speed-up ± spread",
-                            "FLOPs kept",
-                            "efficiency",
-                            "twin/student",
-                        ],
-                        rows[-len(students) :],
-                    ),
-                    flush=True,
-                )
+                print(markdown_table(ROW_HEADER, rows[-len(students) :]), flush=True)  # progress
         conv_rows = conv_kernels(64, args.rounds, device)
 
     print(f"\nThe teacher in each inference form, timed interleaved (speed-up over {forms[0]}):\n")
@@ -173,23 +168,7 @@ def main() -> None:
         )
     )
 
-    print(
-        "\n"
-        + markdown_table(
-            [
-                "batch",
-                "form",
-                "student",
-                "teacher ms",
-                "student ms",
-                "speed-up ± spread",
-                "FLOPs kept",
-                "efficiency",
-                "twin/student",
-            ],
-            rows,
-        )
-    )
+    print("\n" + markdown_table(ROW_HEADER, rows))
     print(f"\nSingle 3x3 convolutions, batch 64, {device}, {args.threads} threads (where the cut is lost):\n")
     print(
         markdown_table(

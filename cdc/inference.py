@@ -10,7 +10,6 @@ ONNX Runtime (which folds BN itself and has a lower per-operator cost than eager
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,9 @@ import torch
 import torch.fx.experimental.optimization as fx_optimization
 from torch import nn
 
+from cdc.latency import Forward
+
 INFERENCE_FORMS = ("eager", "folded", "folded_channels_last", "compiled", "onnxruntime")
-Forward = Callable[[], object]
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

@@ -46,7 +46,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
 
     if p.latency_form == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"evaluate.latency_form onnxruntime runs on CPU only; the stage runs on {device}")
-    metrics: dict = {name: {} for name in MODELS}
+    metrics: dict = {}
     for name, model in models.items():
         metrics[name] = {
             "test_acc": evaluate(model, data.batches("test", p.batch_size, device=device)).accuracy,
