@@ -2,7 +2,8 @@
 
 Each binary function compares class P with the rest Q and is made multi-class by the unweighted
 mean over classes. Inputs are (classes x channels) arrays; the result is one score per channel.
-Higher score = more discriminative = keep.
+Higher score = more discriminative = keep. `di` is multi-class natively and reads the pooled-grid
+statistics instead (each channel a vector of G cells).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cdc.stats import LayerStats
+from cdc.stats import GridStats, LayerStats
 
 Discriminant = Callable[[LayerStats, np.random.Generator], np.ndarray]
 DISCRIMINANTS: dict[str, Discriminant] = {}
@@ -64,3 +65,22 @@ def snr(st: LayerStats, _rng: np.random.Generator, eps: float = 1e-4) -> np.ndar
 def random(st: LayerStats, rng: np.random.Generator) -> np.ndarray:
     """Data-free baseline: uniform random scores from the seeded generator."""
     return rng.random(st.s1.shape[1])
+
+
+def di(st: GridStats, _rng: np.random.Generator, rho: float = 1e-4) -> np.ndarray:
+    """Discriminant information trace[(S + rho I)^-1 S_B] of each channel's G-cell vector.
+
+    S is the total scatter over all images, S_B the between-class scatter sum_k N_k (mu_k - mu)(...)^T;
+    both unnormalized, as in method §2. A dead channel (S = 0) scores 0.
+    """
+    seen = st.n > 0
+    n_k = st.n[seen].astype(np.float64)
+    s1 = st.s1[seen]  # K x C x G
+    total = n_k.sum()
+    mu_k = s1 / n_k[:, None, None]
+    mu = s1.sum(0) / total  # C x G
+    scatter = st.outer - total * np.einsum("cg,ch->cgh", mu, mu)
+    dev = mu_k - mu[None]
+    between = np.einsum("k,kcg,kch->cgh", n_k, dev, dev)
+    eye = np.eye(scatter.shape[1])
+    return np.trace(np.linalg.solve(scatter + rho * eye, between), axis1=1, axis2=2)

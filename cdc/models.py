@@ -36,22 +36,24 @@ def build_model(
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable conv: `conv` loses output channels, `activation` yields the scored tensor."""
+    """One prunable conv: `conv` loses output channels, `norm` is its BN (the slimming baseline's
+    gamma), `activation` yields the scored tensor."""
 
     name: str
     conv: nn.Conv2d
+    norm: nn.BatchNorm2d
     activation: nn.Module
 
 
 class PrunableNet(nn.Module):
     """Base class: subclasses fill `self._prunable` in forward order."""
 
-    _prunable: list[tuple[str, str, str]]  # (layer name, conv path, activation path)
+    _prunable: list[tuple[str, str, str, str]]  # (layer name, conv, BN, activation paths)
 
     def prunable_layers(self) -> list[PrunableLayer]:
         return [
-            PrunableLayer(name, self.get_submodule(conv), self.get_submodule(act))
-            for name, conv, act in self._prunable
+            PrunableLayer(name, self.get_submodule(conv), self.get_submodule(bn), self.get_submodule(act))
+            for name, conv, bn, act in self._prunable
         ]
 
     def widths(self) -> list[int]:
@@ -117,7 +119,7 @@ class ResNetCifar(PrunableNet):
                 stride = 2 if (s > 0 and b == 0) else 1
                 blocks.append(BasicBlock(in_planes, inner[k], planes, stride))
                 path = f"layer{s + 1}.{b}"
-                self._prunable.append((path, f"{path}.conv1", f"{path}.relu1"))
+                self._prunable.append((path, f"{path}.conv1", f"{path}.bn1", f"{path}.relu1"))
                 in_planes, k = planes, k + 1
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -170,7 +172,8 @@ class VGG(PrunableNet):
                 nn.ReLU(inplace=True),
             ]
             if k < len(prunable):
-                self._prunable.append((f"features.{i}", f"features.{i}", f"features.{i + 2}"))
+                paths = (f"features.{i}", f"features.{i}", f"features.{i + 1}", f"features.{i + 2}")
+                self._prunable.append(paths)
             c_in, k = c_out, k + 1
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

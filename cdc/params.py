@@ -11,9 +11,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cdc.criteria import CRITERIA
 from cdc.data import DATASETS
 from cdc.device import DEVICE_PATTERN
-from cdc.discriminants import DISCRIMINANTS
 from cdc.inference import INFERENCE_FORMS
 from cdc.models import MODELS
 from cdc.pruning import BUDGETS
@@ -55,19 +55,24 @@ class TrainTeacherParams(Section):
 
 class DumpStatsParams(Section):
     batch_size: int = Field(256, ge=1)
+    grid: int | None = Field(
+        4, ge=1, description="pool each map to grid x grid cells for the `di` statistics (null: skip them)"
+    )
 
 
 class ScoreParams(Section):
-    discriminant: str = "symdiv"
+    criterion: str = "symdiv"
+    hierarchy: bool = Field(True, description="coarse labels for blocks 1..T (false: fine labels everywhere)")
+    taylor_batches: int = Field(20, ge=1, description="training batches (of 128) for the taylor criterion")
     n_coarse: int = Field(4, ge=1, description="coarse groups from spectral clustering")
     coarse_blocks: int | None = Field(None, ge=0, description="T: blocks 1..T use coarse labels")
     coarse_fraction: float = Field(0.52, ge=0, le=1, description="T = round(fraction * blocks) when unset")
     coarse_map: list[int] | None = Field(None, description="explicit fine->coarse group ids")
 
-    @field_validator("discriminant")
+    @field_validator("criterion")
     @classmethod
-    def _known_discriminant(cls, v: str) -> str:
-        return _check_registry(v, DISCRIMINANTS, "discriminant")
+    def _known_criterion(cls, v: str) -> str:
+        return _check_registry(v, CRITERIA, "criterion")
 
 
 class PruneParams(Section):
@@ -75,6 +80,13 @@ class PruneParams(Section):
     ratio: float = Field(0.53, ge=0, lt=1, description="uniform: fraction of channels removed per layer")
     ratios: list[float] | None = Field(None, description="per_layer: one removal fraction per layer")
     round_to: int = Field(1, ge=1, description="kept widths rounded to a multiple of this (1: no rounding)")
+    flops_target: float = Field(
+        0.5, gt=0, lt=1, description="flops_target: fraction of the teacher's FLOPs the pruned model keeps"
+    )
+    sensitivity_images: int = Field(1000, ge=10, description="flops_target: validation images per probe")
+    sensitivity_step: float = Field(
+        0.02, gt=0, lt=1, description="flops_target: FLOPs (fraction of the teacher's) each probe removes"
+    )
 
     @field_validator("budget")
     @classmethod

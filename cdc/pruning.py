@@ -1,6 +1,9 @@
 """Channel selection under a budget and physical removal through Torch-Pruning (method §3).
 
-Channels are ranked within each layer (no global threshold); the lowest-scored are removed. The
+Channels are ranked within each layer (no global threshold); the lowest-scored are removed. How many
+each layer loses is the budget's choice: a uniform ratio, an explicit list, or `flops_target`, the
+FLOP-normalized sensitivity analysis (method §3) that measures what each layer's next cut costs in
+validation accuracy per FLOP saved and cuts the cheapest layer, until the target is met. The
 surgery goes through Torch-Pruning's dependency graph, so BN and the consuming conv are sliced
 consistently; residual streams, the stem and the classifier input are never touched because only
 the inner convs are prunable.
@@ -8,7 +11,9 @@ the inner convs are prunable.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from math import ceil
 
 import numpy as np
 import torch
@@ -16,8 +21,20 @@ import torch_pruning as tp
 
 from cdc.models import PrunableNet
 
-# A budget maps (layer names, current widths, its params) -> channels to keep per layer.
-Budget = Callable[[list[str], list[int], dict], list[int]]
+
+@dataclass
+class SensitivityProbe:
+    """What the `flops_target` budget measures: the FLOPs of a width vector, and the validation accuracy
+    of the unpruned teacher with, per layer, every channel beyond the `keep` best-scored silenced."""
+
+    flops: Callable[[list[int]], int]
+    accuracy: Callable[[list[int]], float]
+    trace: list[dict] = field(default_factory=list)  # one entry per committed cut, for the report
+
+
+# A budget maps (layer names, current widths, its params, a probe for measuring budgets) -> channels
+# to keep per layer.
+Budget = Callable[[list[str], list[int], dict, SensitivityProbe | None], list[int]]
 BUDGETS: dict[str, Budget] = {}
 
 
@@ -34,13 +51,17 @@ def _keep(width: int, ratio: float) -> int:
 
 
 @register_budget("uniform")
-def uniform_budget(names: list[str], widths: list[int], params: dict) -> list[int]:
+def uniform_budget(
+    names: list[str], widths: list[int], params: dict, _probe: SensitivityProbe | None = None
+) -> list[int]:
     """Remove the same fraction `ratio` of the channels of every prunable layer."""
     return [_keep(w, params["ratio"]) for w in widths]
 
 
 @register_budget("per_layer")
-def per_layer_budget(names: list[str], widths: list[int], params: dict) -> list[int]:
+def per_layer_budget(
+    names: list[str], widths: list[int], params: dict, _probe: SensitivityProbe | None = None
+) -> list[int]:
     """An explicit removal ratio per prunable layer, in forward order."""
     ratios = params["ratios"]
     if ratios is None or len(ratios) != len(widths):
@@ -49,6 +70,91 @@ def per_layer_budget(names: list[str], widths: list[int], params: dict) -> list[
             f"got {ratios}"
         )
     return [_keep(w, r) for w, r in zip(widths, ratios, strict=True)]
+
+
+@register_budget("flops_target")
+def flops_target_budget(
+    names: list[str], widths: list[int], params: dict, probe: SensitivityProbe | None = None
+) -> list[int]:
+    """Greedy FLOP-normalized sensitivity: each round, every layer proposes cutting the channels worth
+    about `sensitivity_step` of the teacher's FLOPs (whole multiples of `round_to`); the cut with the
+    smallest accuracy drop per FLOP saved is made. Stops at `flops_target` of the teacher's FLOPs; the
+    last cut is sized to land on the target, so the achieved ratio is within one channel group of it.
+    """
+    if probe is None:
+        raise ValueError("prune.budget flops_target measures validation accuracy: it needs a probe")
+    multiple = params.get("round_to", 1)
+    full = probe.flops(list(widths))
+    goal = params["flops_target"] * full
+    step = params["sensitivity_step"] * full
+    keep = round_widths(list(widths), widths, multiple)
+    floors = [min(w, multiple) for w in widths]
+    current, accuracy = probe.flops(keep), probe.accuracy(keep)
+    while current > goal:
+        wanted = min(step, current - goal)
+        best: tuple[float, int, list[int], int, float] | None = None
+        for i, (k, floor) in enumerate(zip(keep, floors, strict=True)):
+            if k <= floor:
+                continue
+            fewer = list(keep)
+            fewer[i] = k - 1
+            per_channel = max(current - probe.flops(fewer), 1)
+            fewer[i] = max(k - multiple * ceil(wanted / per_channel / multiple), floor)
+            flops = probe.flops(fewer)
+            if flops >= current:
+                continue
+            acc = probe.accuracy(fewer)
+            cost = (accuracy - acc) / (current - flops)
+            if best is None or cost < best[0]:
+                best = (cost, i, fewer, flops, acc)
+        if best is None:
+            raise ValueError(
+                f"prune.flops_target {params['flops_target']}: every layer is at its minimum width "
+                f"at {current / full:.3f} of the FLOPs"
+            )
+        cost, i, keep, current, accuracy = best
+        probe.trace.append(
+            {"layer": names[i], "keep": keep[i], "flops_ratio": current / full, "val_acc": accuracy}
+        )
+    return keep
+
+
+def silencing_probe(
+    model: PrunableNet,
+    layer_scores: Sequence[np.ndarray],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    flops: Callable[[list[int]], int],
+) -> SensitivityProbe:
+    """A probe on the unpruned `model`: zeroing a post-ReLU channel removes exactly its contribution to
+    the next conv, so the accuracy of a cut is measured without rebuilding the network (BN statistics as
+    trained, no recalibration: the sensitivity analysis compares layers, not final accuracies)."""
+    batches = list(batches)
+    layers = model.prunable_layers()
+    orders = [torch.from_numpy(np.argsort(-np.asarray(s), kind="stable").copy()) for s in layer_scores]
+
+    def accuracy(keep: list[int]) -> float:
+        masks = []
+        for layer, order, k in zip(layers, orders, keep, strict=True):
+            mask = torch.zeros(layer.conv.out_channels)
+            mask[order[:k]] = 1.0
+            masks.append(mask.view(1, -1, 1, 1))
+        handles = [
+            layer.activation.register_forward_hook(lambda _m, _i, out, mask=mask: out * mask.to(out.device))
+            for layer, mask in zip(layers, masks, strict=True)
+        ]
+        model.eval()
+        correct = total = 0
+        try:
+            with torch.no_grad():
+                for x, y in batches:
+                    correct += int((model(x).argmax(1) == y).sum())
+                    total += len(y)
+        finally:
+            for h in handles:
+                h.remove()
+        return correct / total
+
+    return SensitivityProbe(flops, accuracy)
 
 
 def round_widths(keep: list[int], widths: list[int], multiple: int) -> list[int]:
@@ -67,11 +173,17 @@ def round_widths(keep: list[int], widths: list[int], multiple: int) -> list[int]
     return rounded
 
 
-def keep_counts(budget: str, names: list[str], widths: list[int], params: dict) -> list[int]:
+def keep_counts(
+    budget: str,
+    names: list[str],
+    widths: list[int],
+    params: dict,
+    probe: SensitivityProbe | None = None,
+) -> list[int]:
     """Channels to keep per layer under the budget, rounded to `params["round_to"]` when given."""
     if budget not in BUDGETS:
         raise KeyError(f"unknown budget {budget!r}; known: {', '.join(sorted(BUDGETS))}")
-    keep = BUDGETS[budget](names, widths, params)
+    keep = BUDGETS[budget](names, widths, params, probe)
     return round_widths(keep, widths, params.get("round_to", 1))
 
 

@@ -6,26 +6,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cdc.criteria import GRID_DISCRIMINANTS
 from cdc.discriminants import get_discriminant
-from cdc.stats import LayerStats
+from cdc.stats import GridStats, LayerStats
 
 
 @dataclass
 class LayerScores:
     layer: str
-    level: str  # "coarse" or "fine"
+    level: str  # "coarse" or "fine" (class discriminants), "none" (criteria without labels)
     scores: np.ndarray  # one per channel
 
 
 def score_layers(
-    stats: dict[str, LayerStats],
+    stats: dict[str, LayerStats] | dict[str, GridStats],
     discriminant: str,
     fine_to_coarse: np.ndarray,
     coarse_blocks: int,
     seed: int,
 ) -> list[LayerScores]:
-    """Score every channel of every layer (layers in forward order; block i is 1-based)."""
-    fn = get_discriminant(discriminant)
+    """Score every channel of every layer (layers in forward order; block i is 1-based).
+
+    `stats` are the scalar statistics, or the pooled-grid ones for a grid discriminant (`di`).
+    `coarse_blocks` = 0 scores every layer against the fine classes (no hierarchy).
+    """
+    fn = GRID_DISCRIMINANTS.get(discriminant) or get_discriminant(discriminant)
     n_groups = int(fine_to_coarse.max()) + 1
     out = []
     for i, (name, st) in enumerate(stats.items()):

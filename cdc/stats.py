@@ -56,6 +56,25 @@ class LayerStats:
 
 
 @dataclass
+class GridStats:
+    """Statistics of one layer's channels as vectors over a pooled spatial grid (for `di`, method §2).
+
+    Each channel's map is average-pooled to a small grid of G cells; per class the image count and the
+    sum of the G-vectors, and over all images each channel's G x G sum of outer products.
+    """
+
+    n: np.ndarray  # int64 (classes,)
+    s1: np.ndarray  # float64 (classes, channels, G)
+    outer: np.ndarray  # float64 (channels, G, G), over all images
+
+    def grouped(self, fine_to_group: np.ndarray, n_groups: int) -> GridStats:
+        onehot = np.zeros((n_groups, len(fine_to_group)))
+        onehot[fine_to_group, np.arange(len(fine_to_group))] = 1.0
+        s1 = np.einsum("gk,kcd->gcd", onehot, self.s1)
+        return GridStats((onehot @ self.n).astype(np.int64), s1, self.outer)
+
+
+@dataclass
 class _DeviceSums:
     """Running sums of one layer on the activations' device (float64), copied to the host once."""
 
@@ -68,15 +87,29 @@ class _DeviceSums:
         return LayerStats(self.n.cpu().numpy(), self.pixels, self.s1.cpu().numpy(), self.s2.cpu().numpy())
 
 
+@dataclass
+class _DeviceGridSums:
+    n: torch.Tensor
+    s1: torch.Tensor  # classes x (channels * G)
+    outer: torch.Tensor  # channels x G x G
+
+    def to_host(self) -> GridStats:
+        c = self.outer.shape[0]
+        s1 = self.s1.cpu().numpy().reshape(self.s1.shape[0], c, -1)
+        return GridStats(self.n.cpu().numpy(), s1, self.outer.cpu().numpy())
+
+
 class StatsCollector:
     """Forward hooks on every prunable layer's activation that accumulate per-class sums.
 
     Use as a context manager around forward passes; set `labels` (on the model's device) before each
-    batch. The sums stay on that device until `stats()` copies them to the host.
+    batch. The sums stay on that device until `stats()` copies them to the host. With `grid` set, the
+    maps are also average-pooled to grid x grid cells (at most the map's size) for `grid_stats()`.
     """
 
-    def __init__(self, model: PrunableNet, num_classes: int) -> None:
-        self.model, self.num_classes = model, num_classes
+    def __init__(self, model: PrunableNet, num_classes: int, grid: int | None = None) -> None:
+        self.model, self.num_classes, self.grid = model, num_classes, grid
+        self._grid_sums: dict[str, _DeviceGridSums] = {}
         self._labels: torch.Tensor | None = None
         self._onehot_t: torch.Tensor | None = None  # classes x batch, float64
         self._counts: torch.Tensor | None = None
@@ -114,12 +147,34 @@ class StatsCollector:
             st.n += self._counts
             st.s1 += self._onehot_t @ s1
             st.s2 += self._onehot_t @ s2
+            if self.grid:
+                self._accumulate_grid(name, x)
 
         return hook
+
+    def _accumulate_grid(self, name: str, x: torch.Tensor) -> None:
+        cells = (min(self.grid, x.shape[2]), min(self.grid, x.shape[3]))
+        pooled = nn.functional.adaptive_avg_pool2d(x, cells).flatten(2).double()  # B x C x G
+        gs = self._grid_sums.get(name)
+        if gs is None:
+            b, c, g = pooled.shape
+            gs = _DeviceGridSums(
+                torch.zeros(self.num_classes, dtype=torch.int64, device=x.device),
+                torch.zeros(self.num_classes, c * g, dtype=torch.float64, device=x.device),
+                torch.zeros(c, g, g, dtype=torch.float64, device=x.device),
+            )
+            self._grid_sums[name] = gs
+        gs.n += self._counts
+        gs.s1 += self._onehot_t @ pooled.flatten(1)
+        gs.outer += torch.einsum("bcg,bch->cgh", pooled, pooled)
 
     def stats(self) -> dict[str, LayerStats]:
         """The statistics so far, keyed by prunable layer name in forward order, on the host."""
         return {name: sums.to_host() for name, sums in self._sums.items()}
+
+    def grid_stats(self) -> dict[str, GridStats]:
+        """The pooled-grid statistics so far (empty unless `grid` was set), in forward order."""
+        return {name: sums.to_host() for name, sums in self._grid_sums.items()}
 
     def __enter__(self) -> StatsCollector:
         for layer in self.model.prunable_layers():
@@ -139,12 +194,22 @@ def collect_stats(
 
     Batches must be on the model's device; the float64 sums are accumulated there.
     """
+    return collect_all_stats(model, batches, num_classes)[0]
+
+
+def collect_all_stats(
+    model: PrunableNet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    grid: int | None = None,
+) -> tuple[dict[str, LayerStats], dict[str, GridStats]]:
+    """One eval-mode pass collecting the scalar statistics and, with `grid`, the pooled-grid ones."""
     model.eval()
-    with StatsCollector(model, num_classes) as collector, torch.no_grad():
+    with StatsCollector(model, num_classes, grid) as collector, torch.no_grad():
         for x, y in batches:
             collector.labels = y
             model(x)
-    return collector.stats()
+    return collector.stats(), collector.grid_stats()
 
 
 def confusion_matrix(

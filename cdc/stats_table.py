@@ -10,6 +10,16 @@
 | pixels_per_image  | int64   | D = H x W of the scored activation                        |
 | sum               | float64 | sum of the activation over all pixels of those images     |
 | sum_sq            | float64 | sum of its square                                         |
+
+The pooled-grid statistics (for the `di` criterion) go to a second file, one row per layer x channel x
+class with the per-class sum of the channel's G-cell vectors, plus one row per layer x channel with
+class -1 holding the G x G sum of outer products over all images (row-major):
+
+| column      | type          | meaning                                                    |
+|-------------|---------------|------------------------------------------------------------|
+| layer, layer_index, channel, class, n_images | as above | class -1: all images              |
+| sum         | list<float64> | G cells (null on class -1 rows)                            |
+| outer       | list<float64> | G x G (null on class rows)                                 |
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cdc.stats import LayerStats
+from cdc.stats import GridStats, LayerStats
 
 SCHEMA = pa.schema(
     [
@@ -74,3 +84,47 @@ def write_stats(path: Path, stats: dict[str, LayerStats]) -> None:
 
 def read_stats(path: Path) -> dict[str, LayerStats]:
     return table_to_stats(pq.read_table(path, schema=SCHEMA))
+
+
+GRID_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("channel", pa.int32()),
+        ("class", pa.int32()),
+        ("n_images", pa.int64()),
+        ("sum", pa.list_(pa.float64())),
+        ("outer", pa.list_(pa.float64())),
+    ]
+)
+
+
+def write_grid_stats(path: Path, stats: dict[str, GridStats]) -> None:
+    rows: dict[str, list] = {name: [] for name in GRID_SCHEMA.names}
+    for index, (name, st) in enumerate(stats.items()):
+        k, c, g = st.s1.shape
+        for ch in range(c):
+            for cls in range(-1, k):
+                rows["layer"].append(name)
+                rows["layer_index"].append(index)
+                rows["channel"].append(ch)
+                rows["class"].append(cls)
+                rows["n_images"].append(int(st.n.sum() if cls < 0 else st.n[cls]))
+                rows["sum"].append(None if cls < 0 else st.s1[cls, ch].tolist())
+                rows["outer"].append(st.outer[ch].ravel().tolist() if cls < 0 else None)
+    pq.write_table(pa.table(rows, schema=GRID_SCHEMA), path)
+
+
+def read_grid_stats(path: Path) -> dict[str, GridStats]:
+    """Inverse of `write_grid_stats`, layers in forward order."""
+    df = pq.read_table(path, schema=GRID_SCHEMA).to_pandas().sort_values(["layer_index", "channel", "class"])
+    stats: dict[str, GridStats] = {}
+    for _, g in df.groupby("layer_index", sort=True):
+        totals, per_class = g[g["class"] < 0], g[g["class"] >= 0]
+        c, k = len(totals), per_class["class"].max() + 1
+        s1 = np.stack(per_class["sum"].to_numpy()).reshape(c, k, -1).transpose(1, 0, 2)
+        cells = s1.shape[2]
+        outer = np.stack(totals["outer"].to_numpy()).reshape(c, cells, cells)
+        n = per_class[per_class["channel"] == 0].sort_values("class")["n_images"].to_numpy(np.int64)
+        stats[g["layer"].iloc[0]] = GridStats(n, np.ascontiguousarray(s1), outer)
+    return stats

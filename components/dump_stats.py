@@ -1,7 +1,8 @@
 """Stage `dump_stats`: one pass of the training split through the teacher -> per-class channel statistics.
 
-Also writes the teacher's confusion matrix on the validation split, from which `score` derives the
-coarse classes. Schema of the Parquet file: see `cdc/stats_table.py`.
+With `dump_stats.grid`, the same pass also sums each channel's map pooled to a small grid, per class
+(the `di` criterion's statistics). Also writes the teacher's confusion matrix on the validation split,
+from which `score` derives the coarse classes. Schema of the Parquet file: see `cdc/stats_table.py`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 from cdc.data import load_prepared
 from cdc.io import atomic_path, load_model, write_json
 from cdc.params import Params
-from cdc.stats import collect_stats, confusion_matrix
-from cdc.stats_table import write_stats
+from cdc.stats import collect_all_stats, confusion_matrix
+from cdc.stats_table import write_grid_stats, write_stats
 from components.progress import progress
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
@@ -27,9 +28,13 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     teacher = load_model(inputs["teacher"])[0].to(runtime.device)
     batch_size = params.dump_stats.batch_size
     batches = data.batches("train", batch_size, device=runtime.device)
-    stats = collect_stats(teacher, progress(batches, "activation statistics"), data.num_classes)
+    stats, grid = collect_all_stats(
+        teacher, progress(batches, "activation statistics"), data.num_classes, params.dump_stats.grid
+    )
     with atomic_path(outputs["stats"]) as tmp:
         write_stats(tmp, stats)
+    with atomic_path(outputs["grid"]) as tmp:
+        write_grid_stats(tmp, grid)
     val = data.batches("val", batch_size, device=runtime.device)
     cm = confusion_matrix(teacher, val, data.num_classes)
     write_json(outputs["confusion"], {"split": "val", "classes": data.meta["classes"], "matrix": cm.tolist()})

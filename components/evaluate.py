@@ -1,4 +1,4 @@
-"""Stage `evaluate`: test accuracy, FLOPs, params and latency of teacher, pruned and student.
+"""Stage `evaluate`: test (and validation) accuracy, FLOPs, params and latency of teacher, pruned and student.
 
 "pruned" is the pruned model before fine-tuning with its BN statistics recalibrated on training data:
 the cleanest measure of which channels were kept. Writes DVC metrics JSON, a markdown report and
@@ -50,6 +50,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     for name, model in models.items():
         metrics[name] = {
             "test_acc": evaluate(model, data.batches("test", p.batch_size, device=device)).accuracy,
+            "val_acc": evaluate(model, data.batches("val", p.batch_size, device=device)).accuracy,
             "flops": count_macs(model, shape),
             "params": count_params(model),
         }

@@ -7,14 +7,17 @@ Outputs the pruned model (arch + per-layer widths + state dict) and a report of 
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cdc.data import Batches, Split, load_prepared, stratified_subset
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, read_json, save_model, write_json
+from cdc.models import PrunableNet, build_model
 from cdc.params import Params
-from cdc.pruning import channels_to_remove, keep_counts, prune_channels
+from cdc.pruning import SensitivityProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -31,11 +34,12 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             f"{inputs['scores']} scores layers {sorted(scores['layer'].unique())}, model has {names}"
         )
     widths_before = model.widths()
-    keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump())
-    removals = {}
-    for name, k in zip(names, keep, strict=True):
-        layer_scores = scores[scores["layer"] == name].sort_values("channel")["score"].to_numpy()
-        removals[name] = channels_to_remove(layer_scores, k)
+    layer_scores = [scores[scores["layer"] == n].sort_values("channel")["score"].to_numpy() for n in names]
+    probe = None
+    if params.prune.budget == "flops_target":
+        probe = sensitivity_probe(params, inputs["prepared"], model, record, layer_scores, input_shape)
+    keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump(), probe)
+    removals = {name: channels_to_remove(s, k) for name, s, k in zip(names, layer_scores, keep, strict=True)}
     before = {"flops": count_macs(model, input_shape), "params": count_params(model)}
     prune_channels(model, removals, input_shape)
     after = {"flops": count_macs(model, input_shape), "params": count_params(model)}
@@ -43,6 +47,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     report = {
         "budget": params.prune.budget,
         "round_to": params.prune.round_to,
+        "flops_target": params.prune.flops_target if params.prune.budget == "flops_target" else None,
+        "sensitivity_trace": probe.trace if probe else None,
         "layers": names,
         "widths_before": widths_before,
         "widths_after": model.widths(),
@@ -64,3 +70,26 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         100 * report["params_ratio"],
         model.widths(),
     )
+
+
+def sensitivity_probe(
+    params: Params,
+    prepared: Path,
+    model: PrunableNet,
+    record: dict,
+    layer_scores: list,
+    input_shape: tuple[int, ...],
+) -> SensitivityProbe:
+    """The `flops_target` probe: FLOPs of candidate widths, teacher accuracy on validation images."""
+    data = load_prepared(prepared)
+    idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
+    val = Split(data.val.images[idx], data.val.labels[idx])
+    batches = Batches(val, data.meta["mean"], data.meta["std"], 500)
+
+    @cache
+    def flops(widths: tuple[int, ...]) -> int:
+        arch = build_model(record["arch"], record["num_classes"], record["in_channels"], list(widths))
+        return count_macs(arch, input_shape)
+
+    log.info("flops_target: sensitivity analysis on %d validation images", len(idx))
+    return silencing_probe(model, layer_scores, batches, lambda w: flops(tuple(w)))

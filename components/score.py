@@ -1,7 +1,9 @@
-"""Stage `score`: coarse classes from the confusion matrix, then a discriminant score per channel.
+"""Stage `score`: coarse classes from the confusion matrix, then a score per channel by `score.criterion`.
 
-Outputs: `scores.parquet` (layer, layer_index, channel, score, label_level) and `groups.json`
-(the fine -> coarse map, its source and T).
+Class discriminants read the statistics (hierarchically: coarse labels for blocks 1..T unless
+`score.hierarchy` is false); the data-free criteria read the teacher's weights and `taylor` its gradients
+on training batches (cdc/criteria.py). Outputs: `scores.parquet` (layer, layer_index, channel, score,
+label_level) and `groups.json` (the fine -> coarse map, its source and T).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cdc.criteria import get_criterion, taylor_scores, weight_scores
+from cdc.data import load_prepared
 from cdc.hierarchy import coarse_block_count, coarse_groups
-from cdc.io import atomic_path, read_json, write_json
+from cdc.io import atomic_path, load_model, read_json, write_json
 from cdc.params import Params
-from cdc.scoring import score_layers
-from cdc.stats_table import read_stats
+from cdc.scoring import LayerScores, score_layers
+from cdc.stats_table import read_grid_stats, read_stats
+from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -25,6 +30,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.score
+    criterion = get_criterion(p.criterion)
     stats = read_stats(inputs["stats"])
     confusion = read_json(inputs["confusion"])
     classes = confusion["classes"]
@@ -38,8 +44,21 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     else:
         fine_to_coarse = coarse_groups(np.asarray(confusion["matrix"]), p.n_coarse, params.seed)
         source = "spectral_clustering"
-    t = coarse_block_count(len(stats), p.coarse_blocks, p.coarse_fraction)
-    scored = score_layers(stats, p.discriminant, fine_to_coarse, t, params.seed)
+    t = coarse_block_count(len(stats), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
+    if criterion.source == "stats":
+        scored = score_layers(stats, p.criterion, fine_to_coarse, t, params.seed)
+    elif criterion.source == "grid":
+        grid = read_grid_stats(inputs["grid"])
+        if list(grid) != list(stats):
+            raise ValueError(
+                f"score.criterion {p.criterion} needs the pooled-grid statistics in {inputs['grid']}, "
+                "which has none: set dump_stats.grid (e.g. 4) and rerun dump_stats"
+            )
+        scored = score_layers(grid, p.criterion, fine_to_coarse, t, params.seed)
+    else:
+        scored = model_scores(params, inputs, list(stats), tracker)
+    if not criterion.class_discriminant:
+        t = 0
 
     rows: dict[str, list] = {"layer": [], "layer_index": [], "channel": [], "score": [], "label_level": []}
     for index, ls in enumerate(scored):
@@ -62,10 +81,27 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             "source": source,
             "coarse_blocks": t,
             "layers": len(stats),
-            "discriminant": p.discriminant,
+            "criterion": p.criterion,
         },
     )
     tracker.log_metrics({"coarse_blocks": t, "n_groups": n_groups})
-    log.info(
-        "scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.discriminant, t, groups
-    )
+    log.info("scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.criterion, t, groups)
+
+
+def model_scores(
+    params: Params, inputs: dict[str, Path], layers: list[str], tracker: StageTracker
+) -> list[LayerScores]:
+    """Scores of a criterion that reads the teacher itself (weights or gradients), not the statistics."""
+    p = params.score
+    runtime = stage_runtime(params, tracker)
+    teacher = load_model(inputs["teacher"])[0].to(runtime.device)
+    data = load_prepared(inputs["prepared"])
+    if get_criterion(p.criterion).source == "weights":
+        teacher.cpu()
+        by_layer = weight_scores(p.criterion, teacher, data.input_shape)
+    else:
+        batches = data.batches("train", 128, shuffle=True, seed=params.seed, device=runtime.device)
+        by_layer = taylor_scores(teacher, batches, p.taylor_batches)
+    if list(by_layer) != layers:
+        raise ValueError(f"{inputs['teacher']} has prunable layers {list(by_layer)}, the statistics {layers}")
+    return [LayerScores(name, "none", np.asarray(s, np.float64)) for name, s in by_layer.items()]

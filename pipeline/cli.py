@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components import cli as stage_cli
+from pipeline.compare import add_compare_parser, run_compare
 
 log = logging.getLogger("cdc.kfp")
 
@@ -185,7 +186,10 @@ def _run_local(args: argparse.Namespace, params: Any) -> int:
     return 0
 
 
-EXTENSIONS: dict[str, stage_cli.Extension] = {"kfp": (add_kfp_parser, run_kfp)}
+EXTENSIONS: dict[str, stage_cli.Extension] = {
+    "kfp": (add_kfp_parser, run_kfp),
+    "compare": (add_compare_parser, run_compare),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

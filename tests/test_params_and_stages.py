@@ -25,15 +25,13 @@ def test_committed_params_are_the_schema_defaults():
 
 def test_bad_params_name_the_key_value_and_allowed(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(
-        "prune:\n  ratio: 1.5\n  budget: magic\nscore:\n  discriminant: nope\ndistill:\n  typo: 1\n"
-    )
+    path.write_text("prune:\n  ratio: 1.5\n  budget: magic\nscore:\n  criterion: nope\ndistill:\n  typo: 1\n")
     with pytest.raises(ParamsError) as err:
         load_params(path)
     message = str(err.value)
     assert "prune.ratio" in message and "1.5" in message and "less than 1" in message
     assert "prune.budget" in message and "'magic'" in message and "uniform" in message
-    assert "score.discriminant" in message and "symdiv" in message
+    assert "score.criterion" in message and "symdiv" in message
     assert "distill.typo" in message
 
 

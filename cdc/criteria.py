@@ -1,0 +1,124 @@
+"""Every channel-scoring criterion behind one registry (`score.criterion`), so that the class
+discriminants and the baselines they are compared with go through the same `score` -> `prune` path.
+
+A criterion reads one *source*:
+- `stats`: the per-class scalar statistics (the class discriminants of cdc.discriminants, and `random`);
+- `grid`: the per-class pooled-grid statistics (`di`);
+- `weights`: the teacher's weights, data-free (`l1` filter norm, Li et al. 2017; `bn_gamma` |gamma|,
+  network slimming; Torch-Pruning's group importances `tp_magnitude` and `tp_fpgm`, which score a channel
+  over its whole dependency group: the conv's filter, its BN and the next conv's input slice);
+- `gradients`: first-order Taylor importance |sum over pixels of activation x dLoss/dactivation| per
+  image, averaged over training images (Molchanov et al. 2017), on training batches.
+Only `stats` and `grid` criteria use class labels, hence the coarse/fine hierarchy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch_pruning as tp
+
+from cdc.discriminants import DISCRIMINANTS, di
+from cdc.models import PrunableNet
+
+Source = Literal["stats", "grid", "weights", "gradients"]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    source: Source
+    class_discriminant: bool  # whether it reads class labels (and so the hierarchy applies)
+
+
+CRITERIA: dict[str, Criterion] = {
+    **{name: Criterion(name, "stats", class_discriminant=name != "random") for name in DISCRIMINANTS},
+    "di": Criterion("di", "grid", class_discriminant=True),
+    "l1": Criterion("l1", "weights", class_discriminant=False),
+    "bn_gamma": Criterion("bn_gamma", "weights", class_discriminant=False),
+    "tp_magnitude": Criterion("tp_magnitude", "weights", class_discriminant=False),
+    "tp_fpgm": Criterion("tp_fpgm", "weights", class_discriminant=False),
+    "taylor": Criterion("taylor", "gradients", class_discriminant=False),
+}
+GRID_DISCRIMINANTS = {"di": di}
+
+
+def get_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise KeyError(f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
+    return CRITERIA[name]
+
+
+def _tp_scores(importance: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
+    def scores(model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+        out = {}
+        for layer in model.prunable_layers():
+            idxs = list(range(layer.conv.out_channels))
+            group = graph.get_pruning_group(layer.conv, tp.prune_conv_out_channels, idxs=idxs)
+            out[layer.name] = importance(group).detach().double().cpu().numpy()
+        return out
+
+    return scores
+
+
+def _per_layer(fn: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
+    def scores(model: PrunableNet, _input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        return {layer.name: fn(layer).detach().double().cpu().numpy() for layer in model.prunable_layers()}
+
+    return scores
+
+
+WEIGHT_CRITERIA = {
+    "l1": _per_layer(lambda layer: layer.conv.weight.abs().sum((1, 2, 3))),
+    "bn_gamma": _per_layer(lambda layer: layer.norm.weight.abs()),
+    "tp_magnitude": _tp_scores(tp.importance.GroupMagnitudeImportance(p=2)),
+    "tp_fpgm": _tp_scores(tp.importance.FPGMImportance(p=2)),
+}
+
+
+def weight_scores(name: str, model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Data-free scores of every prunable layer's channels, keyed by layer name in forward order."""
+    with torch.no_grad():
+        return WEIGHT_CRITERIA[name](model, input_shape)
+
+
+def taylor_scores(
+    model: PrunableNet, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int
+) -> dict[str, np.ndarray]:
+    """First-order Taylor importance of each scored channel, eval-mode BN, summed cross-entropy."""
+    model.eval()
+    layers = model.prunable_layers()
+    totals = {layer.name: torch.zeros(layer.conv.out_channels, dtype=torch.float64) for layer in layers}
+    images = 0
+
+    def hook(name: str) -> Callable:
+        def forward_hook(_m: torch.nn.Module, _i: tuple, out: torch.Tensor) -> None:
+            act = out.detach()
+
+            def backward_hook(grad: torch.Tensor) -> None:
+                totals[name] += (act * grad).sum((2, 3)).abs().sum(0).double().cpu()
+
+            out.register_hook(backward_hook)
+
+        return forward_hook
+
+    handles = [layer.activation.register_forward_hook(hook(layer.name)) for layer in layers]
+    try:
+        for i, (x, y) in enumerate(batches):
+            if i == max_batches:
+                break
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+            images += len(y)
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if images == 0:
+        raise ValueError("taylor scores need at least one training batch")
+    return {name: (t / images).numpy() for name, t in totals.items()}

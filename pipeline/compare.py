@@ -1,0 +1,332 @@
+"""`cdc compare`: the matched-budget comparison of CDC with its ablations and the usual baselines.
+
+Every cell of {method} x {FLOPs budget} x {teacher seed} is one `dvc repro` of the real pipeline in
+the workspace of its teacher seed (seeds run in parallel, the CPU threads split between them), with
+the method's params written to params.yaml, so DVC reuses what the cells share (one teacher and one
+statistics pass per seed; a method's scores across budgets; score/prune/fit_dca when only the
+fine-tune differs). Within a budget every method prunes to the same widths (a uniform ratio solved for
+the FLOPs target), so achieved FLOPs are identical across methods, and gets the same fine-tune
+(epochs, schedule, seed). Each cell records the pruned model's accuracy (BN recalibrated, no fine-tune;
+validation and test) and the fine-tuned student's. `docs/results.md` (tables, paired comparison with the
+best data-free baseline) and its plots are written from the collected rows; rows are saved as they come,
+so an interrupted comparison resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+log = logging.getLogger("cdc.compare")
+REPO = Path(__file__).resolve().parents[1]
+
+# What the fine-tune of a method is: the default CDC distillation (KD + DCA), or without DCA, or CE only.
+FINE_TUNES = {
+    "kd_dca": {"kd_weight": 1.0, "dca_weight": 0.1},
+    "kd": {"kd_weight": 1.0, "dca_weight": 0.0},
+    "ce": {"kd_weight": 0.0, "dca_weight": 0.0},
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    criterion: str
+    hierarchy: bool
+    fine_tune: str  # a FINE_TUNES key
+    data_free: bool  # scores without data (the baselines the paired comparison is against)
+    label: str
+
+
+METHODS = [
+    Method("cdc", "symdiv", True, "kd_dca", False, "CDC: hierarchical symdiv + KD + DCA"),
+    Method("symdiv_flat", "symdiv", False, "kd_dca", False, "symdiv without hierarchy"),
+    Method("cdc_no_dca", "symdiv", True, "kd", False, "CDC without DCA (KD only)"),
+    Method("fisher", "fisher", True, "kd_dca", False, "Fisher ratio (hierarchical)"),
+    Method("di", "di", True, "kd_dca", False, "DI, pooled 4x4 grid (hierarchical)"),
+    Method("l1", "l1", False, "kd_dca", True, "filter L1 norm"),
+    Method("bn_gamma", "bn_gamma", False, "kd_dca", True, "BN |gamma|"),
+    Method("taylor", "taylor", False, "kd_dca", False, "first-order Taylor"),
+    Method("random", "random", False, "kd_dca", True, "random channels"),
+]
+METHOD_BY_NAME = {m.name: m for m in METHODS}
+
+# Profiles: the params every cell shares, the FLOPs removed per budget, the teacher seeds.
+PROFILES: dict[str, dict] = {
+    "default": {
+        "about": "2-core CPU, about 90 min: ResNet-20 on 12,000 Fashion-MNIST images, 8-epoch teachers, "
+        "2-epoch fine-tunes",
+        "params": {
+            "data": {"dataset": "fashion_mnist", "train_limit": 12000, "val_size": 2000, "test_limit": 5000},
+            "train_teacher": {"arch": "resnet20", "epochs": 8},
+            "fit_dca": {"max_images": 2000},
+            "distill": {"epochs": 2, "refit_every": 1, "bn_recalibration_batches": 20},
+            "evaluate": {"bn_recalibration_batches": 20, "latency_batch_sizes": [64], "latency_rounds": 5},
+        },
+        "flops_removed": [0.40, 0.55, 0.70],
+        "seeds": [0, 1, 2],
+    },
+    "tiny": {
+        "about": "the test suite's smoke profile: seconds per stage",
+        "params": {
+            "data": {"train_limit": 600, "test_limit": 200, "val_size": 100},
+            "train_teacher": {"epochs": 1, "batch_size": 64},
+            "score": {"n_coarse": 3, "taylor_batches": 2},
+            "fit_dca": {"max_images": 200},
+            "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1, "bn_recalibration_batches": 3},
+            "evaluate": {"bn_recalibration_batches": 3, "latency_batch_sizes": [8], "latency_rounds": 3},
+        },
+        "flops_removed": [0.5],
+        "seeds": [0],
+    },
+    "full": {
+        "about": "GPU size (not run here): ResNet-56 on CIFAR-10, paper-length schedules (method §6)",
+        "params": {
+            "data": {"dataset": "cifar10", "val_size": 5000},
+            "train_teacher": {"arch": "resnet56", "epochs": 200, "lr": 0.1, "weight_decay": 0.0008},
+            "score": {"coarse_fraction": 0.52},
+            "distill": {"epochs": 100, "lr": 0.05, "weight_decay": 0.001, "refit_every": 40},
+        },
+        "flops_removed": [0.40, 0.55, 0.70],
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@cache
+def _widths_flops(arch: str, num_classes: int, input_shape: tuple[int, ...], widths: tuple[int, ...]) -> int:
+    from cdc.flops import count_macs
+    from cdc.models import build_model
+
+    return count_macs(build_model(arch, num_classes, input_shape[0], list(widths)), input_shape)
+
+
+def uniform_ratio_for(arch: str, num_classes: int, input_shape: tuple[int, ...], removed: float) -> float:
+    """The uniform per-layer removal ratio whose pruned model keeps closest to 1 - `removed` of the FLOPs."""
+    from cdc.models import build_model
+    from cdc.pruning import keep_counts
+
+    model = build_model(arch, num_classes, input_shape[0])
+    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    full = _widths_flops(arch, num_classes, input_shape, tuple(widths))
+    best = (float("inf"), 0.0)
+    for ratio in np.arange(0.0, 0.96, 0.0025):
+        keep = keep_counts("uniform", names, widths, {"ratio": float(ratio), "round_to": 1})
+        kept = _widths_flops(arch, num_classes, input_shape, tuple(keep)) / full
+        best = min(best, (abs(kept - (1 - removed)), round(float(ratio), 4)))
+    return best[1]
+
+
+def cell_params(profile: dict, method: Method, seed: int, ratio: float) -> dict:
+    from cdc.params import Params
+
+    over = merge(
+        profile["params"],
+        {
+            "seed": seed,
+            "score": {"criterion": method.criterion, "hierarchy": method.hierarchy},
+            "prune": {"budget": "uniform", "ratio": ratio, "round_to": 1},
+            "distill": FINE_TUNES[method.fine_tune],
+        },
+    )
+    return Params.model_validate(over).model_dump()
+
+
+def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
+    """A git + DVC copy of the repository's files (code included) with the raw data, for the cells to
+    run in: a comparison keeps running the code it started with."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ws / rel)
+    if not (ws / "data" / "raw").exists():
+        shutil.copytree(raw, ws / "data" / "raw")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(ws),  # the workspace's copy of the code, not the (editable) checkout being edited
+        MLFLOW_TRACKING_URI=f"sqlite:///{ws / 'mlflow.db'}",
+        CDC_EXPERIMENT="cdc-compare",
+        DVC_NO_ANALYTICS="1",
+    )
+    git = ["git", "-c", "user.name=cdc-compare", "-c", "user.email=cdc-compare@localhost"]
+    if not (ws / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=ws, env=env, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=ws, env=env, check=True)
+    subprocess.run([*git, "commit", "-qm", "compare workspace", "--allow-empty"], cwd=ws, env=env, check=True)
+    return env
+
+
+def run_cell(ws: Path, env: dict[str, str], params: dict) -> dict:
+    """One `dvc repro` with `params` (each stage still logs its MLflow run); the cell's row from its
+    metrics and prune report."""
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc repro failed in {ws}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
+    report = json.loads((ws / "data" / "prune" / "report.json").read_text())
+    ratios = metrics["student_vs_teacher"]
+    speedup = {k: v for k, v in ratios.items() if k.startswith("speedup_b") and not k.endswith("spread")}
+    return {
+        "teacher_test": metrics["teacher"]["test_acc"],
+        "teacher_val": metrics["teacher"]["val_acc"],
+        "pruned_test": metrics["pruned"]["test_acc"],
+        "pruned_val": metrics["pruned"]["val_acc"],
+        "student_test": metrics["student"]["test_acc"],
+        "student_val": metrics["student"]["val_acc"],
+        "flops_ratio": report["flops_ratio"],
+        "params_ratio": report["params_ratio"],
+        "widths": report["widths_after"],
+        "speedup": speedup,
+        "wall_s": round(time.monotonic() - start, 1),
+    }
+
+
+def run_matrix(
+    profile_name: str,
+    methods: list[Method],
+    workspace: Path,
+    rows_path: Path,
+    raw: Path,
+    jobs: int,
+) -> list[dict]:
+    """Run the cells not yet in `rows_path`: one worker per teacher seed (its own workspace under
+    `workspace`), `jobs` at a time, each with an equal share of the CPU threads."""
+    profile = PROFILES[profile_name]
+    rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
+    done = {(r["method"], r["flops_removed"], r["seed"]) for r in rows}
+    defaults = cell_params(profile, methods[0], 0, 0.0)
+    arch, shape = defaults["train_teacher"]["arch"], (1, 28, 28)
+    if defaults["data"]["dataset"] != "fashion_mnist":
+        raise ValueError(f"profile {profile_name}: only Fashion-MNIST runs here (this machine's data)")
+    ratios = {removed: uniform_ratio_for(arch, 10, shape, removed) for removed in profile["flops_removed"]}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    lock = threading.Lock()
+    total = len(profile["seeds"]) * len(ratios) * len(methods)
+
+    def worker(seed: int) -> None:
+        ws = workspace / f"seed-{seed}"
+        ws.mkdir(parents=True, exist_ok=True)
+        env = make_workspace(ws, raw)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        # methods outer: a method's scores are computed once per teacher, its budgets reuse them
+        for method in methods:
+            for removed, ratio in ratios.items():
+                if (method.name, removed, seed) in done:
+                    continue
+                row = run_cell(ws, env, cell_params(profile, method, seed, ratio))
+                row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
+                with lock:
+                    rows.append(row)
+                    rows_path.parent.mkdir(parents=True, exist_ok=True)
+                    rows_path.write_text(json.dumps(rows, indent=1))
+                    log.info(
+                        "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs: pruned %.2f%% (val %.2f%%), "
+                        "student %.2f%%, FLOPs %.3f, %.0f s",
+                        len(rows), total, seed, method.name, 100 * removed, 100 * row["pruned_test"],
+                        100 * row["pruned_val"], 100 * row["student_test"], row["flops_ratio"], row["wall_s"],
+                    )  # fmt: skip
+
+    log.info(
+        "%d cells (%d done), %d teacher seeds, %d at a time with %d thread(s) each; workspaces under %s",
+        total, len(done), len(profile["seeds"]), jobs, threads, workspace,
+    )  # fmt: skip
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(worker, seed) for seed in profile["seeds"]]:
+            future.result()
+    return rows
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="run the matched-budget method comparison and write docs/results.md",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--profile", choices=sorted(PROFILES), default="default", help="default: %(default)s")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=[m.name for m in METHODS],
+        default=[m.name for m in METHODS],
+        help="methods to run (default: all)",
+    )
+    p.add_argument(
+        "--workspace",
+        type=Path,
+        default=Path("compare-workspace"),
+        help="where the cells run (kept for DVC's caching and for resuming; default: %(default)s)",
+    )
+    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw data (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/results.md"), help="default: %(default)s")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="teacher seeds run at once, each in its own workspace with cores/jobs threads "
+        "(default: all seeds of the profile)",
+    )
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the saved rows")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare_report import write_report
+
+    profile = PROFILES[args.profile]
+    rows_path = args.out.parent / "results" / f"compare_{args.profile}.json"
+    methods = [METHOD_BY_NAME[m] for m in args.methods]
+    if not args.report_only:
+        if not args.raw.exists():
+            raise FileNotFoundError(f"raw data {args.raw} not found: run `make data` first")
+        jobs = args.jobs or len(profile["seeds"])
+        run_matrix(args.profile, methods, args.workspace.resolve(), rows_path, args.raw.resolve(), jobs)
+    rows = json.loads(rows_path.read_text())
+    command = f"cdc compare --profile {args.profile}" + (
+        "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
+    )
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'CPU'}",
+        "command": command,
+        "profile": args.profile,
+        "about": profile["about"],
+        "params": profile["params"],
+    }
+    write_report(rows, [m for m in METHODS if m.name in args.methods], args.out, meta)
+    log.info("wrote %s", args.out)
+    return 0

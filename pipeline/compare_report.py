@@ -1,0 +1,156 @@
+"""The comparison's report: tables over teacher seeds, the paired comparison with the best data-free
+baseline, and accuracy-vs-FLOPs plots, all computed from the rows `cdc compare` collected."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+STAGES = {"pruned_test": "after pruning (BN recal., no fine-tune)", "student_test": "after fine-tune"}
+
+
+def _mean_std(values: list[float]) -> str:
+    a = 100 * np.asarray(values)
+    return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
+
+
+def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
+    cells: dict[tuple[str, float], dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["method"], r["flops_removed"])][r["seed"]] = r
+    return cells
+
+
+def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
+    cells = _by_cell(rows)
+    lines = [
+        "| FLOPs cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
+        "student test acc (%) | Δ student − teacher (points) | params cut | speed-up | teachers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for removed in budgets:
+        for m in methods:
+            runs = list(cells.get((m.name, removed), {}).values())
+            if not runs:
+                continue
+            delta = [100 * (r["student_test"] - r["teacher_test"]) for r in runs]
+            speed = [v for r in runs for v in r["speedup"].values()]
+            lines.append(
+                f"| {100 * removed:.0f}% → {100 * (1 - runs[0]['flops_ratio']):.1f}% | {m.label} | "
+                f"{_mean_std([r['pruned_test'] for r in runs])} | "
+                f"{_mean_std([r['pruned_val'] for r in runs])} | "
+                f"{_mean_std([r['student_test'] for r in runs])} | "
+                f"{np.mean(delta):+.2f} ± {np.std(delta, ddof=1) if len(delta) > 1 else 0:.2f} | "
+                f"{100 * (1 - runs[0]['params_ratio']):.1f}% | "
+                f"{np.median(speed):.2f}x | {len(runs)} |"
+            )
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
+    """Each non-baseline method against the best data-free baseline of its budget (by mean student
+    accuracy), paired by teacher: mean difference and its std across teachers, both stages."""
+    cells = _by_cell(rows)
+    baselines = [m for m in methods if m.data_free]
+    lines = [
+        "| FLOPs cut | method | best data-free baseline | Δ after pruning (points) | "
+        "Δ after fine-tune (points) | teachers where the method wins (fine-tune) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for removed in budgets:
+        present = [b for b in baselines if cells.get((b.name, removed))]
+        if not present:
+            continue
+        best = max(
+            present, key=lambda b: np.mean([r["student_test"] for r in cells[(b.name, removed)].values()])
+        )
+        base = cells[(best.name, removed)]
+        for m in methods:
+            if m.data_free or not cells.get((m.name, removed)):
+                continue
+            runs = cells[(m.name, removed)]
+            seeds = sorted(set(runs) & set(base))
+            cols = []
+            for key in ("pruned_test", "student_test"):
+                d = np.array([100 * (runs[s][key] - base[s][key]) for s in seeds])
+                cols.append(f"{d.mean():+.2f} ± {d.std(ddof=1) if len(d) > 1 else 0:.2f}")
+            wins = sum(runs[s]["student_test"] > base[s]["student_test"] for s in seeds)
+            lines.append(
+                f"| {100 * removed:.0f}% | {m.label} | {best.label} | {cols[0]} | {cols[1]} | "
+                f"{wins}/{len(seeds)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> None:
+    cells = _by_cell(rows)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for m in methods:
+        xs, ys, es = [], [], []
+        for removed in sorted({r["flops_removed"] for r in rows}):
+            runs = list(cells.get((m.name, removed), {}).values())
+            if runs:
+                xs.append(100 * runs[0]["flops_ratio"])
+                ys.append(100 * np.mean([r[key] for r in runs]))
+                es.append(100 * np.std([r[key] for r in runs]))
+        if xs:
+            style = "--" if m.data_free else "-"
+            ax.errorbar(xs, ys, yerr=es, fmt="o" + style, capsize=3, label=m.label)
+    teachers = [r["teacher_test"] for r in rows]
+    ax.axhline(100 * np.mean(teachers), color="k", lw=0.8, ls=":", label="teacher (mean)")
+    ax.set_xlabel("FLOPs kept (% of the teacher)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None:
+    budgets = sorted({r["flops_removed"] for r in rows})
+    plot_dir = out.parent / "results"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    name = meta["profile"]
+    for key, title in STAGES.items():
+        plot(rows, methods, key, f"{title}, mean ± std over teachers", plot_dir / f"{name}_{key}.png")
+    teachers = {r["seed"]: r["teacher_test"] for r in rows}
+    wall = sum(r["wall_s"] for r in rows)
+    text = f"""# Method comparison at matched budgets
+
+Produced by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); {len(rows)} cells,
+{wall / 60:.0f} min of pipeline wall time. Profile `{name}`: {meta["about"]}. Raw rows:
+`docs/results/compare_{name}.json`.
+
+Every cell is a full `cdc repro` of the pipeline. Within a budget every method prunes to the *same
+widths* (one uniform per-layer ratio solved for the FLOPs target), so FLOPs and params are identical
+across methods; every method gets the same fine-tune (epochs, schedule, seed): KD + DCA as in CDC, except
+"CDC without DCA" (KD only). Teachers (seeds {", ".join(str(s) for s in sorted(teachers))}) test accuracy:
+{", ".join(f"{100 * a:.2f}%" for _, a in sorted(teachers.items()))}. Accuracies are mean ± std over the
+teachers; Δ is computed per teacher, then averaged.
+
+Profile params over the defaults:
+
+```json
+{json.dumps(meta["params"])}
+```
+
+## Accuracy per method and budget
+
+{method_table(rows, methods, budgets)}
+
+## Paired with the best data-free baseline
+
+{paired_table(rows, methods, budgets)}
+
+## Plots
+
+![after pruning](results/{name}_pruned_test.png)
+![after fine-tune](results/{name}_student_test.png)
+"""
+    out.write_text(text + meta.get("extra", ""))
