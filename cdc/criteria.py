@@ -82,9 +82,9 @@ WEIGHT_CRITERIA = {
 
 
 def weight_scores(name: str, model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Data-free scores of every prunable layer's channels, keyed by layer name in forward order."""
-    with torch.no_grad():
-        return WEIGHT_CRITERIA[name](model, input_shape)
+    """Data-free scores of every prunable layer's channels, keyed by layer name in forward order.
+    (Gradients stay enabled: Torch-Pruning traces its dependency graph through autograd.)"""
+    return WEIGHT_CRITERIA[name](model, input_shape)
 
 
 def taylor_scores(

@@ -58,12 +58,23 @@ class DumpStatsParams(Section):
     grid: int | None = Field(
         4, ge=1, description="pool each map to grid x grid cells for the `di` statistics (null: skip them)"
     )
+    tensor: Literal["post_relu", "pre_relu"] = Field(
+        "post_relu", description="the scored tensor: post-BN-ReLU activation or the BN output before ReLU"
+    )
+    bn_mode: Literal["eval", "batch"] = Field(
+        "eval", description="BN running statistics (eval) or each batch's own (batch, the released code)"
+    )
 
 
 class ScoreParams(Section):
     criterion: str = "symdiv"
     hierarchy: bool = Field(True, description="coarse labels for blocks 1..T (false: fine labels everywhere)")
     taylor_batches: int = Field(20, ge=1, description="training batches (of 128) for the taylor criterion")
+    eps: float | None = Field(
+        None,
+        gt=0,
+        description="discriminant ridge (symdiv 0.05, others 1e-4, di rho 1e-4; null: those)",
+    )
     n_coarse: int = Field(4, ge=1, description="coarse groups from spectral clustering")
     coarse_blocks: int | None = Field(None, ge=0, description="T: blocks 1..T use coarse labels")
     coarse_fraction: float = Field(0.52, ge=0, le=1, description="T = round(fraction * blocks) when unset")

@@ -23,18 +23,20 @@ from cdc.models import PrunableNet
 
 
 @dataclass
-class SensitivityProbe:
-    """What the `flops_target` budget measures: the FLOPs of a width vector, and the validation accuracy
-    of the unpruned teacher with, per layer, every channel beyond the `keep` best-scored silenced."""
+class BudgetProbe:
+    """What the FLOPs-targeting budgets measure: the FLOPs of a width vector, the channel scores
+    (`global`), and (`flops_target`) the validation accuracy of the unpruned teacher with, per layer,
+    every channel beyond the `keep` best-scored silenced."""
 
     flops: Callable[[list[int]], int]
-    accuracy: Callable[[list[int]], float]
+    scores: Sequence[np.ndarray]
+    accuracy: Callable[[list[int]], float] | None = None
     trace: list[dict] = field(default_factory=list)  # one entry per committed cut, for the report
 
 
 # A budget maps (layer names, current widths, its params, a probe for measuring budgets) -> channels
 # to keep per layer.
-Budget = Callable[[list[str], list[int], dict, SensitivityProbe | None], list[int]]
+Budget = Callable[[list[str], list[int], dict, BudgetProbe | None], list[int]]
 BUDGETS: dict[str, Budget] = {}
 
 
@@ -52,7 +54,7 @@ def _keep(width: int, ratio: float) -> int:
 
 @register_budget("uniform")
 def uniform_budget(
-    names: list[str], widths: list[int], params: dict, _probe: SensitivityProbe | None = None
+    names: list[str], widths: list[int], params: dict, _probe: BudgetProbe | None = None
 ) -> list[int]:
     """Remove the same fraction `ratio` of the channels of every prunable layer."""
     return [_keep(w, params["ratio"]) for w in widths]
@@ -60,7 +62,7 @@ def uniform_budget(
 
 @register_budget("per_layer")
 def per_layer_budget(
-    names: list[str], widths: list[int], params: dict, _probe: SensitivityProbe | None = None
+    names: list[str], widths: list[int], params: dict, _probe: BudgetProbe | None = None
 ) -> list[int]:
     """An explicit removal ratio per prunable layer, in forward order."""
     ratios = params["ratios"]
@@ -74,14 +76,14 @@ def per_layer_budget(
 
 @register_budget("flops_target")
 def flops_target_budget(
-    names: list[str], widths: list[int], params: dict, probe: SensitivityProbe | None = None
+    names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
 ) -> list[int]:
     """Greedy FLOP-normalized sensitivity: each round, every layer proposes cutting the channels worth
     about `sensitivity_step` of the teacher's FLOPs (whole multiples of `round_to`); the cut with the
     smallest accuracy drop per FLOP saved is made. Stops at `flops_target` of the teacher's FLOPs; the
     last cut is sized to land on the target, so the achieved ratio is within one channel group of it.
     """
-    if probe is None:
+    if probe is None or probe.accuracy is None:
         raise ValueError("prune.budget flops_target measures validation accuracy: it needs a probe")
     multiple = params.get("round_to", 1)
     full = probe.flops(list(widths))
@@ -119,12 +121,43 @@ def flops_target_budget(
     return keep
 
 
+@register_budget("global")
+def global_budget(
+    names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
+) -> list[int]:
+    """One threshold over every layer's scores (the ablation of per-layer ranking): the lowest-scored
+    channels of the whole network are removed, each layer keeping at least one, until the model keeps
+    `flops_target` of the FLOPs. Only meaningful when scores are comparable across layers."""
+    if probe is None:
+        raise ValueError("prune.budget global ranks channels across layers: it needs the scores and FLOPs")
+    order = sorted(
+        ((float(v), i, c) for i, layer in enumerate(probe.scores) for c, v in enumerate(np.asarray(layer))),
+    )
+    full = probe.flops(list(widths))
+    goal = params["flops_target"] * full
+
+    def keep_after(k: int) -> list[int]:
+        keep = list(widths)
+        for _, i, _ in order[:k]:
+            keep[i] = max(1, keep[i] - 1)
+        return keep
+
+    lo, hi = 0, len(order)  # smallest k whose FLOPs meet the goal
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if probe.flops(keep_after(mid)) <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    return keep_after(lo)
+
+
 def silencing_probe(
     model: PrunableNet,
     layer_scores: Sequence[np.ndarray],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     flops: Callable[[list[int]], int],
-) -> SensitivityProbe:
+) -> BudgetProbe:
     """A probe on the unpruned `model`: zeroing a post-ReLU channel removes exactly its contribution to
     the next conv, so the accuracy of a cut is measured without rebuilding the network (BN statistics as
     trained, no recalibration: the sensitivity analysis compares layers, not final accuracies)."""
@@ -154,7 +187,7 @@ def silencing_probe(
                 h.remove()
         return correct / total
 
-    return SensitivityProbe(flops, accuracy)
+    return BudgetProbe(flops, layer_scores, accuracy)
 
 
 def round_widths(keep: list[int], widths: list[int], multiple: int) -> list[int]:
@@ -178,7 +211,7 @@ def keep_counts(
     names: list[str],
     widths: list[int],
     params: dict,
-    probe: SensitivityProbe | None = None,
+    probe: BudgetProbe | None = None,
 ) -> list[int]:
     """Channels to keep per layer under the budget, rounded to `params["round_to"]` when given."""
     if budget not in BUDGETS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -24,13 +25,17 @@ def score_layers(
     fine_to_coarse: np.ndarray,
     coarse_blocks: int,
     seed: int,
+    eps: float | None = None,
 ) -> list[LayerScores]:
     """Score every channel of every layer (layers in forward order; block i is 1-based).
 
     `stats` are the scalar statistics, or the pooled-grid ones for a grid discriminant (`di`).
-    `coarse_blocks` = 0 scores every layer against the fine classes (no hierarchy).
+    `coarse_blocks` = 0 scores every layer against the fine classes (no hierarchy). `eps` replaces the
+    discriminant's default ridge (`rho` for `di`); `random` has none.
     """
     fn = GRID_DISCRIMINANTS.get(discriminant) or get_discriminant(discriminant)
+    if eps is not None and discriminant != "random":
+        fn = partial(fn, **{"rho" if discriminant in GRID_DISCRIMINANTS else "eps": eps})
     n_groups = int(fine_to_coarse.max()) + 1
     out = []
     for i, (name, st) in enumerate(stats.items()):

@@ -12,6 +12,7 @@ costs a few percent (bench/stats_overhead.py).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ import torch
 from torch import nn
 
 from cdc.models import PrunableNet
+
+SCORED_TENSORS = ("post_relu", "pre_relu")
+BN_MODES = ("eval", "batch")
 
 
 @dataclass
@@ -107,8 +111,12 @@ class StatsCollector:
     maps are also average-pooled to grid x grid cells (at most the map's size) for `grid_stats()`.
     """
 
-    def __init__(self, model: PrunableNet, num_classes: int, grid: int | None = None) -> None:
-        self.model, self.num_classes, self.grid = model, num_classes, grid
+    def __init__(
+        self, model: PrunableNet, num_classes: int, grid: int | None = None, tensor: str = "post_relu"
+    ) -> None:
+        if tensor not in SCORED_TENSORS:
+            raise ValueError(f"unknown scored tensor {tensor!r}; known: {', '.join(SCORED_TENSORS)}")
+        self.model, self.num_classes, self.grid, self.tensor = model, num_classes, grid, tensor
         self._grid_sums: dict[str, _DeviceGridSums] = {}
         self._labels: torch.Tensor | None = None
         self._onehot_t: torch.Tensor | None = None  # classes x batch, float64
@@ -178,7 +186,8 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         for layer in self.model.prunable_layers():
-            self._handles.append(layer.activation.register_forward_hook(self._hook(layer.name)))
+            module = layer.activation if self.tensor == "post_relu" else layer.norm
+            self._handles.append(module.register_forward_hook(self._hook(layer.name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,10 +211,22 @@ def collect_all_stats(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     num_classes: int,
     grid: int | None = None,
+    tensor: str = "post_relu",
+    bn_mode: str = "eval",
 ) -> tuple[dict[str, LayerStats], dict[str, GridStats]]:
-    """One eval-mode pass collecting the scalar statistics and, with `grid`, the pooled-grid ones."""
-    model.eval()
-    with StatsCollector(model, num_classes, grid) as collector, torch.no_grad():
+    """One pass collecting the scalar statistics and, with `grid`, the pooled-grid ones.
+
+    `tensor`: the post-BN-ReLU activation (method §1) or the BN output before the ReLU. `bn_mode`:
+    BN with its running statistics (`eval`, method §1 [ours]) or each batch's own statistics (`batch`,
+    what the released TensorFlow code did); in batch mode a copy of the model runs, the model is untouched.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown BN mode {bn_mode!r}; known: {', '.join(BN_MODES)}")
+    if bn_mode == "batch":
+        model = copy.deepcopy(model).train()
+    else:
+        model.eval()
+    with StatsCollector(model, num_classes, grid, tensor) as collector, torch.no_grad():
         for x, y in batches:
             collector.labels = y
             model(x)

@@ -28,8 +28,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     teacher = load_model(inputs["teacher"])[0].to(runtime.device)
     batch_size = params.dump_stats.batch_size
     batches = data.batches("train", batch_size, device=runtime.device)
+    p = params.dump_stats
     stats, grid = collect_all_stats(
-        teacher, progress(batches, "activation statistics"), data.num_classes, params.dump_stats.grid
+        teacher, progress(batches, "activation statistics"), data.num_classes, p.grid, p.tensor, p.bn_mode
     )
     with atomic_path(outputs["stats"]) as tmp:
         write_stats(tmp, stats)

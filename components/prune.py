@@ -17,10 +17,11 @@ from cdc.flops import count_macs, count_params
 from cdc.io import load_model, read_json, save_model, write_json
 from cdc.models import PrunableNet, build_model
 from cdc.params import Params
-from cdc.pruning import SensitivityProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
+from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
+FLOPS_BUDGETS = ("flops_target", "global")  # the budgets that aim at prune.flops_target
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
@@ -35,9 +36,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         )
     widths_before = model.widths()
     layer_scores = [scores[scores["layer"] == n].sort_values("channel")["score"].to_numpy() for n in names]
-    probe = None
-    if params.prune.budget == "flops_target":
-        probe = sensitivity_probe(params, inputs["prepared"], model, record, layer_scores, input_shape)
+    probe = budget_probe(params, inputs["prepared"], model, record, layer_scores, input_shape)
     keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump(), probe)
     removals = {name: channels_to_remove(s, k) for name, s, k in zip(names, layer_scores, keep, strict=True)}
     before = {"flops": count_macs(model, input_shape), "params": count_params(model)}
@@ -47,8 +46,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     report = {
         "budget": params.prune.budget,
         "round_to": params.prune.round_to,
-        "flops_target": params.prune.flops_target if params.prune.budget == "flops_target" else None,
-        "sensitivity_trace": probe.trace if probe else None,
+        "flops_target": params.prune.flops_target if params.prune.budget in FLOPS_BUDGETS else None,
+        "sensitivity_trace": probe.trace or None,
         "layers": names,
         "widths_before": widths_before,
         "widths_after": model.widths(),
@@ -72,24 +71,27 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     )
 
 
-def sensitivity_probe(
+def budget_probe(
     params: Params,
     prepared: Path,
     model: PrunableNet,
     record: dict,
     layer_scores: list,
     input_shape: tuple[int, ...],
-) -> SensitivityProbe:
-    """The `flops_target` probe: FLOPs of candidate widths, teacher accuracy on validation images."""
-    data = load_prepared(prepared)
-    idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
-    val = Split(data.val.images[idx], data.val.labels[idx])
-    batches = Batches(val, data.meta["mean"], data.meta["std"], 500)
+) -> BudgetProbe:
+    """What the FLOPs-targeting budgets measure: FLOPs of candidate widths, the scores, and for
+    `flops_target` the teacher's accuracy on validation images with channels silenced."""
 
     @cache
     def flops(widths: tuple[int, ...]) -> int:
         arch = build_model(record["arch"], record["num_classes"], record["in_channels"], list(widths))
         return count_macs(arch, input_shape)
 
+    if params.prune.budget != "flops_target":
+        return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)
+    data = load_prepared(prepared)
+    idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
+    val = Split(data.val.images[idx], data.val.labels[idx])
+    batches = Batches(val, data.meta["mean"], data.meta["std"], 500)
     log.info("flops_target: sensitivity analysis on %d validation images", len(idx))
     return silencing_probe(model, layer_scores, batches, lambda w: flops(tuple(w)))

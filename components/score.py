@@ -46,7 +46,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         source = "spectral_clustering"
     t = coarse_block_count(len(stats), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
     if criterion.source == "stats":
-        scored = score_layers(stats, p.criterion, fine_to_coarse, t, params.seed)
+        scored = score_layers(stats, p.criterion, fine_to_coarse, t, params.seed, p.eps)
     elif criterion.source == "grid":
         grid = read_grid_stats(inputs["grid"])
         if list(grid) != list(stats):
@@ -54,7 +54,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
                 f"score.criterion {p.criterion} needs the pooled-grid statistics in {inputs['grid']}, "
                 "which has none: set dump_stats.grid (e.g. 4) and rerun dump_stats"
             )
-        scored = score_layers(grid, p.criterion, fine_to_coarse, t, params.seed)
+        scored = score_layers(grid, p.criterion, fine_to_coarse, t, params.seed, p.eps)
     else:
         scored = model_scores(params, inputs, list(stats), tracker)
     if not criterion.class_discriminant:
