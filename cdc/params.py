@@ -123,7 +123,7 @@ class FitDcaParams(Section):
 
 
 class DistillParams(Section):
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=0, description="0: no fine-tune (BN recalibration only)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.02, gt=0, description="low: a high lr wipes out the pruned weights")
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -81,6 +81,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             losses = {f"{k}_loss": v.item() / n for k, v in parts.items()}
             record_epoch(history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
 
+    if not history:  # epochs 0: the pruned model with fresh BN statistics, no fine-tune
+        va = evaluate(student, val)
+        history = [{"epoch": 0, "val_loss": va.loss, "val_acc": va.accuracy}]
     save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
     write_history(outputs["history"], history)
     write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})

@@ -67,11 +67,13 @@ METHODS = [
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 
-# Profiles: the params every cell shares, the FLOPs removed per budget, the teacher seeds.
+# Profiles: the params every cell shares, the FLOPs removed per budget, the budgets whose cells are
+# fine-tuned (elsewhere `distill.epochs: 0`: the pruned model only, so methods that differ only in
+# their fine-tune share one cell), the teacher seeds.
 PROFILES: dict[str, dict] = {
     "default": {
-        "about": "2-core CPU, about 90 min: ResNet-20 on 12,000 Fashion-MNIST images, 8-epoch teachers, "
-        "2-epoch fine-tunes",
+        "about": "2-core CPU, about 90 min: ResNet-20 on 12,000 Fashion-MNIST images, 8-epoch teachers; "
+        "every method pruned at every budget, fine-tuned (2 epochs) at the middle budget",
         "params": {
             "data": {"dataset": "fashion_mnist", "train_limit": 12000, "val_size": 2000, "test_limit": 5000},
             "train_teacher": {"arch": "resnet20", "epochs": 8},
@@ -80,6 +82,7 @@ PROFILES: dict[str, dict] = {
             "evaluate": {"bn_recalibration_batches": 20, "latency_batch_sizes": [64], "latency_rounds": 5},
         },
         "flops_removed": [0.40, 0.55, 0.70],
+        "finetune_removed": [0.55],
         "seeds": [0, 1, 2],
     },
     "tiny": {
@@ -92,7 +95,8 @@ PROFILES: dict[str, dict] = {
             "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1, "bn_recalibration_batches": 3},
             "evaluate": {"bn_recalibration_batches": 3, "latency_batch_sizes": [8], "latency_rounds": 3},
         },
-        "flops_removed": [0.5],
+        "flops_removed": [0.5, 0.6],
+        "finetune_removed": [0.5],
         "seeds": [0],
     },
     "full": {
@@ -104,6 +108,7 @@ PROFILES: dict[str, dict] = {
             "distill": {"epochs": 100, "lr": 0.05, "weight_decay": 0.001, "refit_every": 40},
         },
         "flops_removed": [0.40, 0.55, 0.70],
+        "finetune_removed": [0.40, 0.55, 0.70],
         "seeds": [0, 1, 2],
     },
 }
@@ -140,7 +145,7 @@ def uniform_ratio_for(arch: str, num_classes: int, input_shape: tuple[int, ...],
     return best[1]
 
 
-def cell_params(profile: dict, method: Method, seed: int, ratio: float) -> dict:
+def cell_params(profile: dict, method: Method, seed: int, ratio: float, fine_tune: bool = True) -> dict:
     from cdc.params import Params
 
     over = merge(
@@ -149,10 +154,25 @@ def cell_params(profile: dict, method: Method, seed: int, ratio: float) -> dict:
             "seed": seed,
             "score": {"criterion": method.criterion, "hierarchy": method.hierarchy},
             "prune": {"budget": "uniform", "ratio": ratio, "round_to": 1},
-            "distill": FINE_TUNES[method.fine_tune],
+            "distill": FINE_TUNES[method.fine_tune] | ({} if fine_tune else {"epochs": 0}),
         },
     )
     return Params.model_validate(over).model_dump()
+
+
+def cells(profile: dict, methods: list[Method]) -> list[tuple[Method, float, bool]]:
+    """(method, FLOPs removed, fine-tuned) of one teacher, methods outer (a method's scores serve all
+    its budgets); without fine-tune, methods that differ only in their fine-tune share one cell."""
+    out = []
+    for m in methods:
+        for removed in profile["flops_removed"]:
+            fine_tune = removed in profile["finetune_removed"]
+            pruning_twin = any(
+                o.criterion == m.criterion and o.hierarchy == m.hierarchy for o in methods[: methods.index(m)]
+            )
+            if fine_tune or not pruning_twin:
+                out.append((m, removed, fine_tune))
+    return out
 
 
 def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
@@ -236,30 +256,33 @@ def run_matrix(
     ratios = {removed: uniform_ratio_for(arch, 10, shape, removed) for removed in profile["flops_removed"]}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = threading.Lock()
-    total = len(profile["seeds"]) * len(ratios) * len(methods)
+    per_teacher = cells(profile, methods)
+    total = len(profile["seeds"]) * len(per_teacher)
 
     def worker(seed: int) -> None:
         ws = workspace / f"seed-{seed}"
         ws.mkdir(parents=True, exist_ok=True)
         env = make_workspace(ws, raw)
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        # methods outer: a method's scores are computed once per teacher, its budgets reuse them
-        for method in methods:
-            for removed, ratio in ratios.items():
-                if (method.name, removed, seed) in done:
-                    continue
-                row = run_cell(ws, env, cell_params(profile, method, seed, ratio))
-                row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
-                with lock:
-                    rows.append(row)
-                    rows_path.parent.mkdir(parents=True, exist_ok=True)
-                    rows_path.write_text(json.dumps(rows, indent=1))
-                    log.info(
-                        "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs: pruned %.2f%% (val %.2f%%), "
-                        "student %.2f%%, FLOPs %.3f, %.0f s",
-                        len(rows), total, seed, method.name, 100 * removed, 100 * row["pruned_test"],
-                        100 * row["pruned_val"], 100 * row["student_test"], row["flops_ratio"], row["wall_s"],
-                    )  # fmt: skip
+        for method, removed, fine_tune in per_teacher:
+            if (method.name, removed, seed) in done:
+                continue
+            ratio = ratios[removed]
+            row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune))
+            row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
+            row.update(fine_tuned=fine_tune)
+            with lock:
+                rows.append(row)
+                rows_path.parent.mkdir(parents=True, exist_ok=True)
+                rows_path.write_text(json.dumps(rows, indent=1))
+                log.info(
+                    "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs%s: pruned %.2f%% (val %.2f%%), "
+                    "student %.2f%%, FLOPs %.3f, %.0f s",
+                    len(rows), total, seed, method.name, 100 * removed,
+                    "" if fine_tune else " (no fine-tune)",
+                    100 * row["pruned_test"], 100 * row["pruned_val"], 100 * row["student_test"],
+                    row["flops_ratio"], row["wall_s"],
+                )  # fmt: skip
 
     log.info(
         "%d cells (%d done), %d teacher seeds, %d at a time with %d thread(s) each; workspaces under %s",

@@ -14,8 +14,14 @@ STAGES = {"pruned_test": "after pruning (BN recal., no fine-tune)", "student_tes
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
     a = 100 * np.asarray(values)
     return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
+
+
+def fine_tuned(row: dict) -> bool:
+    return row.get("fine_tuned", True)
 
 
 def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
@@ -37,14 +43,16 @@ def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
             runs = list(cells.get((m.name, removed), {}).values())
             if not runs:
                 continue
-            delta = [100 * (r["student_test"] - r["teacher_test"]) for r in runs]
+            tuned = [r for r in runs if fine_tuned(r)]
+            delta = [100 * (r["student_test"] - r["teacher_test"]) for r in tuned]
+            spread = np.std(delta, ddof=1) if len(delta) > 1 else 0.0
+            delta_text = f"{np.mean(delta):+.2f} ± {spread:.2f}" if delta else "–"
             speed = [v for r in runs for v in r["speedup"].values()]
             lines.append(
                 f"| {100 * removed:.0f}% → {100 * (1 - runs[0]['flops_ratio']):.1f}% | {m.label} | "
                 f"{_mean_std([r['pruned_test'] for r in runs])} | "
                 f"{_mean_std([r['pruned_val'] for r in runs])} | "
-                f"{_mean_std([r['student_test'] for r in runs])} | "
-                f"{np.mean(delta):+.2f} ± {np.std(delta, ddof=1) if len(delta) > 1 else 0:.2f} | "
+                f"{_mean_std([r['student_test'] for r in tuned])} | {delta_text} | "
                 f"{100 * (1 - runs[0]['params_ratio']):.1f}% | "
                 f"{np.median(speed):.2f}x | {len(runs)} |"
             )
@@ -65,9 +73,13 @@ def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
         present = [b for b in baselines if cells.get((b.name, removed))]
         if not present:
             continue
-        best = max(
-            present, key=lambda b: np.mean([r["student_test"] for r in cells[(b.name, removed)].values()])
-        )
+
+        def accuracy(b, removed=removed) -> float:
+            runs = list(cells[(b.name, removed)].values())
+            key = "student_test" if all(fine_tuned(r) for r in runs) else "pruned_test"
+            return float(np.mean([r[key] for r in runs]))
+
+        best = max(present, key=accuracy)
         base = cells[(best.name, removed)]
         for m in methods:
             if m.data_free or not cells.get((m.name, removed)):
@@ -75,10 +87,13 @@ def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
             runs = cells[(m.name, removed)]
             seeds = sorted(set(runs) & set(base))
             cols = []
-            for key in ("pruned_test", "student_test"):
-                d = np.array([100 * (runs[s][key] - base[s][key]) for s in seeds])
-                cols.append(f"{d.mean():+.2f} ± {d.std(ddof=1) if len(d) > 1 else 0:.2f}")
-            wins = sum(runs[s]["student_test"] > base[s]["student_test"] for s in seeds)
+            tuned = [s for s in seeds if fine_tuned(runs[s]) and fine_tuned(base[s])]
+            for key, paired in (("pruned_test", seeds), ("student_test", tuned)):
+                d = np.array([100 * (runs[s][key] - base[s][key]) for s in paired])
+                spread = d.std(ddof=1) if len(d) > 1 else 0.0
+                cols.append(f"{d.mean():+.2f} ± {spread:.2f}" if len(d) else "–")
+            key = "student_test" if tuned else "pruned_test"
+            wins = sum(runs[s][key] > base[s][key] for s in (tuned or seeds))
             lines.append(
                 f"| {100 * removed:.0f}% | {m.label} | {best.label} | {cols[0]} | {cols[1]} | "
                 f"{wins}/{len(seeds)} |"
@@ -93,7 +108,9 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
     for m in methods:
         xs, ys, es = [], [], []
         for removed in sorted({r["flops_removed"] for r in rows}):
-            runs = list(cells.get((m.name, removed), {}).values())
+            runs = [
+                r for r in cells.get((m.name, removed), {}).values() if key == "pruned_test" or fine_tuned(r)
+            ]
             if runs:
                 xs.append(100 * runs[0]["flops_ratio"])
                 ys.append(100 * np.mean([r[key] for r in runs]))
