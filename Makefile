@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= cdc:$(VERSION)
 
-.PHONY: run test data lint bench ui dvc-yaml compile image clean help
+.PHONY: run test data lint bench compare ui dvc-yaml compile image clean help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -68,6 +68,11 @@ BENCHES := stats_overhead train_overhead student_speedup pipeline_overhead scale
 bench: $(BIN)/cdc data  ## performance benchmarks (each prints a table, writes bench/results/*.json), then the summary
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; echo; done
 	@$(BIN)/python -m bench.summary
+
+compare: $(BIN)/cdc data  ## method comparison (about 2 h on 2 cores): cdc compare, the ranking factors, docs/results.md
+	$(BIN)/cdc compare --profile default
+	$(BIN)/python -m bench.ranking_factors
+	$(BIN)/cdc compare --profile default --report-only
 
 clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
 	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts kfp_outputs

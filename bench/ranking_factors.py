@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,8 @@ from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_chan
 from cdc.scoring import score_layers
 from cdc.stats import collect_all_stats
 from cdc.train import evaluate, recalibrate_bn
-from pipeline.compare import uniform_ratio_for
+from pipeline.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
+from pipeline.compare_report import factors_table
 
 RANDOM_SEEDS = 3
 
@@ -124,8 +126,11 @@ def evaluate_variant(teacher: Teacher, scores, keep, seed) -> dict[str, float]:
     return pruned_accuracy(teacher.model, scores, keep, teacher.data, teacher.params, seed)
 
 
-def variants(teacher: Teacher, ratio: float, removed: float, seed: int) -> dict[str, dict[str, float]]:
-    """Accuracy after pruning of every variant on one teacher, keyed by variant name."""
+def variants(
+    teacher: Teacher, ratio: float, removed: float, seed: int, factors: bool
+) -> dict[str, dict[str, float]]:
+    """Accuracy after pruning of the default symdiv and the baselines on one teacher, and with
+    `factors` of every scoring variant, keyed by variant name."""
     uniform = teacher.keep("uniform", ratio, removed, [np.zeros(w) for w in teacher.widths])
     out: dict[str, dict[str, float]] = {}
 
@@ -141,6 +146,8 @@ def variants(teacher: Teacher, ratio: float, removed: float, seed: int) -> dict[
     for s in range(RANDOM_SEEDS):
         randoms.append(evaluate_variant(teacher, teacher.baseline("random", s), uniform, seed))
     out["random"] = {k: float(np.mean([r[k] for r in randoms])) for k in ("val", "test")}
+    if not factors:
+        return out
     run("symdiv, batch-statistics BN", teacher.symdiv(bn_mode="batch"))
     run("symdiv, pre-ReLU tensor", teacher.symdiv(tensor="pre_relu"))
     for eps in (0.005, 0.5, 5.0):
@@ -155,9 +162,9 @@ def variants(teacher: Teacher, ratio: float, removed: float, seed: int) -> dict[
     return out
 
 
-def retrain_teacher(ws: Path, out: Path, weight_decay: float, threads: int) -> Path:
+def retrain_teacher(ws: Path, params: dict, out: Path, weight_decay: float, threads: int) -> Path:
     """A teacher like the workspace's, with another weight decay, through the real stage."""
-    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params = copy.deepcopy(params)
     params["train_teacher"]["weight_decay"] = weight_decay
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.yaml").write_text(yaml.safe_dump(params))
@@ -175,30 +182,36 @@ def retrain_teacher(ws: Path, out: Path, weight_decay: float, threads: int) -> P
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path("compare-workspace"))
+    ap.add_argument("--profile", default="default", help="the comparison's profile (default: %(default)s)")
     ap.add_argument("--removed", type=float, default=0.55, help="FLOPs removed (default: %(default)s)")
     ap.add_argument("--weight-decays", type=float, nargs="*", default=[0.0, 0.005], help="retrained teachers")
     args = ap.parse_args()
     seeds = sorted(int(p.name.split("-")[1]) for p in args.workspace.glob("seed-*"))
     if not seeds:
         raise SystemExit(f"no seed workspaces under {args.workspace}: run `cdc compare` first")
-    ratio = uniform_ratio_for("resnet20", 10, (1, 28, 28), args.removed)
+    arch = PROFILES[args.profile]["params"]["train_teacher"]["arch"]
+    ratio = uniform_ratio_for(arch, 10, (1, 28, 28), args.removed)
     rows = []
     start = time.perf_counter()
     for seed in seeds:
         ws = args.workspace / f"seed-{seed}"
-        params = Params.model_validate(yaml.safe_load((ws / "params.yaml").read_text()))
+        # the comparison's params of this teacher (the workspace's params.yaml changes with every cell)
+        raw_params = cell_params(PROFILES[args.profile], METHOD_BY_NAME["cdc"], seed, ratio)
+        params = Params.model_validate(raw_params)
         teachers = {f"default (wd {params.train_teacher.weight_decay})": ws / "data" / "teacher" / "model.pt"}
         for wd in args.weight_decays:
-            path = retrain_teacher(ws, args.workspace / "factors" / f"seed-{seed}-wd-{wd}", wd, 2)
-            teachers[f"wd {wd}"] = path
+            out = args.workspace / "factors" / f"seed-{seed}-wd-{wd}"
+            teachers[f"wd {wd}"] = retrain_teacher(ws, raw_params, out, wd, torch.get_num_threads())
         for label, path in teachers.items():
             print(f"seed {seed}, teacher {label}", flush=True)
             teacher = Teacher(ws, path, params)
             teacher_acc = evaluate(teacher.model, teacher.data.batches("test", 512)).accuracy
-            for variant, acc in variants(teacher, ratio, args.removed, seed).items():
+            factors = label.startswith("default")  # retrained teachers: the criteria only
+            for variant, acc in variants(teacher, ratio, args.removed, seed, factors).items():
                 row = {"seed": seed, "teacher": label, "teacher_test": teacher_acc, "variant": variant}
                 rows.append({**row, **acc})
     result = {
+        "date": date.today().isoformat(),
         "machine": machine(),
         "command": "python -m bench.ranking_factors " + " ".join(sys.argv[1:]),
         "flops_removed": args.removed,
@@ -209,35 +222,6 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ranking_factors.json").write_text(json.dumps(result, indent=1))
     print(factors_table(result))
-
-
-def factors_table(result: dict) -> str:
-    """Mean over teachers of each variant's accuracy after pruning, against the baselines."""
-    rows = result["rows"]
-    lines = [
-        "| teacher | variant | val acc after pruning (%) | test acc (%) | Δ test vs best of l1/bn_gamma | "
-        "Δ test vs random |",
-        "|---|---|---|---|---|---|",
-    ]
-    for teacher in dict.fromkeys(r["teacher"] for r in rows):
-        sub = [r for r in rows if r["teacher"] == teacher]
-        by_variant: dict[str, list[dict]] = {}
-        for r in sub:
-            by_variant.setdefault(r["variant"], []).append(r)
-
-        def mean(variant: str, key: str, by_variant=by_variant) -> float:
-            return 100 * float(np.mean([r[key] for r in by_variant[variant]]))
-
-        best_free = max(("l1", "bn_gamma"), key=lambda v: mean(v, "test"))
-        acc = 100 * np.mean([r["teacher_test"] for r in sub if r["variant"] == "l1"])
-        for variant in by_variant:
-            lines.append(
-                f"| {teacher} ({acc:.2f}%) | {variant} | {mean(variant, 'val'):.2f} | "
-                f"{mean(variant, 'test'):.2f} | "
-                f"{mean(variant, 'test') - mean(best_free, 'test'):+.2f} ({best_free}) | "
-                f"{mean(variant, 'test') - mean('random', 'test'):+.2f} |"
-            )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

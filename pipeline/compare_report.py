@@ -129,6 +129,63 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
     fig.savefig(path, dpi=110)
 
 
+DEFAULT_VARIANT = "symdiv (default: eval BN, post-ReLU, eps 0.05, hierarchical)"
+
+
+def factors_table(result: dict) -> str:
+    """Each scoring variant's accuracy after pruning, mean over the teachers, and its paired Δ (mean ±
+    std over teachers, test accuracy, points) to the default symdiv, the best data-free criterion and
+    random, per kind of teacher."""
+    rows = result["rows"]
+    lines = [
+        "| teacher | variant | val acc (%) | test acc (%) | Δ vs default symdiv | "
+        "Δ vs best of l1/bn_gamma | Δ vs random (mean of 3 draws) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for teacher in dict.fromkeys(r["teacher"] for r in rows):
+        acc: dict[str, dict[int, dict]] = defaultdict(dict)
+        for r in rows:
+            if r["teacher"] == teacher:
+                acc[r["variant"]][r["seed"]] = r
+        seeds = sorted(acc["l1"])
+        teacher_acc = 100 * np.mean([acc["l1"][s]["teacher_test"] for s in seeds])
+
+        def mean(variant: str, key: str = "test", acc=acc, seeds=seeds) -> float:
+            return 100 * float(np.mean([acc[variant][s][key] for s in seeds]))
+
+        def delta(variant: str, other: str, acc=acc, seeds=seeds) -> str:
+            d = np.array([100 * (acc[variant][s]["test"] - acc[other][s]["test"]) for s in seeds])
+            return f"{d.mean():+.2f} ± {d.std(ddof=1) if len(d) > 1 else 0:.2f}"
+
+        best_free = max(("l1", "bn_gamma"), key=mean)
+        for variant in acc:
+            lines.append(
+                f"| {teacher} ({teacher_acc:.2f}%) | {variant} | {mean(variant, 'val'):.2f} | "
+                f"{mean(variant):.2f} | {delta(variant, DEFAULT_VARIANT)} | "
+                f"{delta(variant, best_free)} ({best_free}) | {delta(variant, 'random')} |"
+            )
+    return "\n".join(lines)
+
+
+def factors_section(path: Path) -> str:
+    if not path.exists():
+        return ""
+    result = json.loads(path.read_text())
+    minutes, removed = result["seconds"] / 60, 100 * result["flops_removed"]
+    return f"""
+## What decides the ranking
+
+Produced by `{result["command"].strip()}` on {result["date"]}
+({result["machine"]}, {minutes:.0f} min) on the teachers above, at {removed:.0f}% fewer FLOPs
+(uniform ratio {result["uniform_ratio"]}; the `global` rows keep the same FLOPs with one threshold
+over all layers): accuracy after pruning (BN recalibrated, no fine-tune), one factor changed at a
+time; retrained teachers go through the real `train_teacher` stage with only `weight_decay` changed.
+JSON: `bench/results/ranking_factors.json`.
+
+{factors_table(result)}
+"""
+
+
 def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None:
     budgets = sorted({r["flops_removed"] for r in rows})
     plot_dir = out.parent / "results"
@@ -170,4 +227,9 @@ Profile params over the defaults:
 ![after pruning](results/{name}_pruned_test.png)
 ![after fine-tune](results/{name}_student_test.png)
 """
-    out.write_text(text + meta.get("extra", ""))
+    notes = out.parent / "results_notes.md"  # the hand-written reading of the tables, kept with them
+    factors = Path(__file__).resolve().parents[1] / "bench" / "results" / "ranking_factors.json"
+    text += factors_section(factors)
+    if notes.exists():
+        text += "\n" + notes.read_text()
+    out.write_text(text)
