@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdc.criteria import CRITERIA
 from cdc.data import DATASETS
@@ -173,6 +173,12 @@ class Params(Section):
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @model_validator(mode="after")
+    def _di_needs_grid_statistics(self) -> Params:
+        if self.score.criterion == "di" and self.dump_stats.grid is None:
+            raise ValueError("score.criterion di reads the pooled-grid statistics: set dump_stats.grid")
+        return self
+
 
 class ParamsError(ValueError):
     """A params file that does not match the schema; the message lists every bad key."""
@@ -194,7 +200,10 @@ def validate_params(raw: dict, source: str) -> Params:
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"])
             value = e.get("input")
-            lines.append(f"  {key}: {e['msg']} (got {value!r})")
+            if key:
+                lines.append(f"  {key}: {e['msg']} (got {value!r})")
+            else:  # a rule across sections: the message names its keys
+                lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         raise ParamsError(f"invalid params in {source}:\n" + "\n".join(lines)) from None
 
 

@@ -249,11 +249,19 @@ def run_matrix(
     profile = PROFILES[profile_name]
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     done = {(r["method"], r["flops_removed"], r["seed"]) for r in rows}
+    from cdc.data import load_raw
+
     defaults = cell_params(profile, methods[0], 0, 0.0)
-    arch, shape = defaults["train_teacher"]["arch"], (1, 28, 28)
-    if defaults["data"]["dataset"] != "fashion_mnist":
-        raise ValueError(f"profile {profile_name}: only Fashion-MNIST runs here (this machine's data)")
-    ratios = {removed: uniform_ratio_for(arch, 10, shape, removed) for removed in profile["flops_removed"]}
+    dataset = load_raw(defaults["data"]["dataset"], raw)  # the input shape and class count
+    arch, shape, n_classes = (
+        defaults["train_teacher"]["arch"],
+        dataset.train.images.shape[1:],
+        len(dataset.classes),
+    )
+    ratios = {
+        removed: uniform_ratio_for(arch, n_classes, tuple(shape), removed)
+        for removed in profile["flops_removed"]
+    }
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock = threading.Lock()
     per_teacher = cells(profile, methods)

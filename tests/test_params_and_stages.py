@@ -75,3 +75,10 @@ def test_committed_metrics_are_those_of_the_committed_dvc_lock():
         assert hashlib.md5((REPO / path).read_bytes()).hexdigest() == recorded[path], (
             f"{path} is not the file dvc.lock recorded: commit the run's metrics with its dvc.lock"
         )
+
+
+def test_di_without_grid_statistics_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("score:\n  criterion: di\ndump_stats:\n  grid: null\n")
+    with pytest.raises(ParamsError, match="dump_stats.grid"):
+        load_params(path)

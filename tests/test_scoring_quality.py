@@ -10,8 +10,8 @@ weights on each): teacher 85.2% / 83.5%; symdiv 66.6% / 52.0%; inverted ranking 
 random channels, mean of six seeds, 62.6% / 57.9%. On the second machine symdiv fell *below* the
 random mean at both ratios tried (0.30 and 0.53) and for a second teacher seed too, so "beats random"
 is not a property of these short-trained teachers and is not asserted here: whether and when class
-discrimination beats random and data-free criteria is the subject of the method-comparison work
-(`bench/scoring_quality.py` measures it on the full pipeline).
+discrimination beats random and data-free criteria is measured by `cdc compare` and
+`bench/ranking_factors.py` (docs/results.md).
 """
 
 from __future__ import annotations
