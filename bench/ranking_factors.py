@@ -10,7 +10,7 @@ changes from the default:
 - symdiv's ridge eps, the coarse/fine split T and the number of coarse groups,
 - per-layer ranking (uniform widths) vs one global threshold at the same FLOPs,
 - the teacher itself: teachers retrained through the real `train_teacher` stage without weight decay,
-  and with ten times the default (weight decay shrinks unused filters, which should help l1).
+ (weight decay shrinks unused filters, which should help l1).
 
 Prints a table and writes bench/results/ranking_factors.json, which `cdc compare --report-only`
 embeds in docs/results.md.
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=Path("compare-workspace"))
     ap.add_argument("--profile", default="default", help="the comparison's profile (default: %(default)s)")
     ap.add_argument("--removed", type=float, default=0.55, help="FLOPs removed (default: %(default)s)")
-    ap.add_argument("--weight-decays", type=float, nargs="*", default=[0.0, 0.005], help="retrained teachers")
+    ap.add_argument("--weight-decays", type=float, nargs="*", default=[0.0], help="retrained teachers")
     args = ap.parse_args()
     seeds = sorted(int(p.name.split("-")[1]) for p in args.workspace.glob("seed-*"))
     if not seeds:
