@@ -9,8 +9,8 @@ changes from the default:
 - the scored tensor (post-ReLU vs pre-ReLU BN output),
 - symdiv's ridge eps, the coarse/fine split T and the number of coarse groups,
 - per-layer ranking (uniform widths) vs one global threshold at the same FLOPs,
-- the teacher itself: teachers retrained through the real `train_teacher` stage without weight decay,
- (weight decay shrinks unused filters, which should help l1).
+- the teacher itself: teachers retrained through the real `train_teacher` stage without weight decay
+  (weight decay shrinks unused filters, which should help l1; `--weight-decays` adds others).
 
 Prints a table and writes bench/results/ranking_factors.json, which `cdc compare --report-only`
 embeds in docs/results.md.
