@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from cdc.data import load_prepared
+from cdc.data import Prepared, load_prepared
 from cdc.flops import count_macs, count_params
 from cdc.inference import inference_forward
 from cdc.io import atomic_path, load_model, read_json, write_json
@@ -41,16 +41,14 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     data = load_prepared(inputs["prepared"])
     shape = data.input_shape
     models = {name: load_model(inputs[name])[0].to(device) for name in MODELS}
-    recal = data.batches("train", 128, shuffle=True, seed=params.seed, device=device)
-    recalibrate_bn(models["pruned"], recal, p.bn_recalibration_batches)
+    recalibrate_pruned(models["pruned"], data, params, device)
 
     if p.latency_form == "onnxruntime" and device.type != "cpu":
         raise ValueError(f"evaluate.latency_form onnxruntime runs on CPU only; the stage runs on {device}")
     metrics: dict = {}
     for name, model in models.items():
         metrics[name] = {
-            "test_acc": evaluate(model, data.batches("test", p.batch_size, device=device)).accuracy,
-            "val_acc": evaluate(model, data.batches("val", p.batch_size, device=device)).accuracy,
+            **accuracies(model, data, p.batch_size, device),
             "flops": count_macs(model, shape),
             "params": count_params(model),
         }
@@ -91,6 +89,19 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         plot_widths(tmp / "widths.png", read_json(inputs["prune_report"]))
     with atomic_path(outputs["report"]) as tmp:
         tmp.write_text(render_report(metrics, read_json(inputs["prune_report"]), p.latency_batch_sizes))
+
+
+def recalibrate_pruned(model: torch.nn.Module, data: Prepared, params: Params, device: torch.device) -> None:
+    """Fresh BN statistics for the pruned model from seeded training batches ("pruned" in the report)."""
+    recal = data.batches("train", 128, shuffle=True, seed=params.seed, device=device)
+    recalibrate_bn(model, recal, params.evaluate.bn_recalibration_batches)
+
+
+def accuracies(model: torch.nn.Module, data: Prepared, batch_size: int, device: torch.device) -> dict:
+    return {
+        "test_acc": evaluate(model, data.batches("test", batch_size, device=device)).accuracy,
+        "val_acc": evaluate(model, data.batches("val", batch_size, device=device)).accuracy,
+    }
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:

@@ -185,7 +185,12 @@ def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
         text=True,
         check=True,
     ).stdout.split()
+    fresh = not (ws / ".git").exists()
     for rel in files:
+        # an existing workspace keeps its own DVC state: the repository's dvc.lock would make DVC rerun
+        # the teacher (a stage with persistent checkpoints is never restored from the run cache)
+        if not fresh and (rel in ("dvc.lock", "params.yaml") or rel.startswith("metrics/")):
+            continue
         if (REPO / rel).is_file():
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, ws / rel)
@@ -200,40 +205,71 @@ def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
         DVC_NO_ANALYTICS="1",
     )
     git = ["git", "-c", "user.name=cdc-compare", "-c", "user.email=cdc-compare@localhost"]
-    if not (ws / ".git").exists():
+    if fresh:
         subprocess.run(["git", "init", "-q"], cwd=ws, env=env, check=True)
     subprocess.run([*git, "add", "-A"], cwd=ws, env=env, check=True)
     subprocess.run([*git, "commit", "-qm", "compare workspace", "--allow-empty"], cwd=ws, env=env, check=True)
     return env
 
 
-def run_cell(ws: Path, env: dict[str, str], params: dict) -> dict:
-    """One `dvc repro` with `params` (each stage still logs its MLflow run); the cell's row from its
-    metrics and prune report."""
+def run_cell(ws: Path, env: dict[str, str], params: dict, fine_tune: bool) -> dict:
+    """One cell: `dvc repro` with `params` (each stage logs its MLflow run); the row from its metrics and
+    prune report. A cell without fine-tune stops at `prune` (`dvc repro prune`) and measures the pruned
+    model with the evaluate stage's own recalibration and accuracy functions, in this process."""
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     start = time.monotonic()
+    target = [] if fine_tune else ["prune"]
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "dvc", "repro", *target], cwd=ws, env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"dvc repro failed in {ws}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
     report = json.loads((ws / "data" / "prune" / "report.json").read_text())
-    ratios = metrics["student_vs_teacher"]
-    speedup = {k: v for k, v in ratios.items() if k.startswith("speedup_b") and not k.endswith("spread")}
-    return {
-        "teacher_test": metrics["teacher"]["test_acc"],
-        "teacher_val": metrics["teacher"]["val_acc"],
-        "pruned_test": metrics["pruned"]["test_acc"],
-        "pruned_val": metrics["pruned"]["val_acc"],
-        "student_test": metrics["student"]["test_acc"],
-        "student_val": metrics["student"]["val_acc"],
+    row = {
         "flops_ratio": report["flops_ratio"],
         "params_ratio": report["params_ratio"],
         "widths": report["widths_after"],
-        "speedup": speedup,
-        "wall_s": round(time.monotonic() - start, 1),
     }
+    if fine_tune:
+        metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
+        ratios = metrics["student_vs_teacher"]
+        row |= {f"{m}_{split}": metrics[m][f"{split}_acc"] for m in MODELS for split in ("test", "val")}
+        row["speedup"] = {
+            k: v for k, v in ratios.items() if k.startswith("speedup_b") and not k.endswith("spread")
+        }
+    else:
+        row |= prune_only_metrics(ws, params)
+    row["wall_s"] = round(time.monotonic() - start, 1)
+    return row
+
+
+MODELS = ("teacher", "pruned", "student")
+
+
+def prune_only_metrics(ws: Path, params: dict) -> dict:
+    """Teacher and pruned accuracies as `evaluate` computes them (student = pruned: no fine-tune)."""
+    import torch
+
+    from cdc.data import load_prepared
+    from cdc.io import load_model
+    from cdc.params import Params
+    from components.evaluate import accuracies, recalibrate_pruned
+
+    p = Params.model_validate(params)
+    data, cpu = load_prepared(ws / "data" / "prepared"), torch.device("cpu")
+    if ws not in _TEACHER_ACCURACY:  # one teacher per workspace
+        teacher = load_model(ws / "data" / "teacher" / "model.pt")[0]
+        _TEACHER_ACCURACY[ws] = accuracies(teacher, data, p.evaluate.batch_size, cpu)
+    pruned = load_model(ws / "data" / "prune" / "model.pt")[0]
+    recalibrate_pruned(pruned, data, p, cpu)
+    acc = {"teacher": _TEACHER_ACCURACY[ws], "pruned": accuracies(pruned, data, p.evaluate.batch_size, cpu)}
+    acc["student"] = acc["pruned"]
+    out: dict = {f"{m}_{split}": acc[m][f"{split}_acc"] for m in MODELS for split in ("test", "val")}
+    out["speedup"] = {}
+    return out
+
+
+_TEACHER_ACCURACY: dict[Path, dict] = {}
 
 
 def run_matrix(
@@ -263,6 +299,9 @@ def run_matrix(
         for removed in profile["flops_removed"]
     }
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    import torch
+
+    torch.set_num_threads(threads)  # the prune-only cells' evaluation runs in this process
     lock = threading.Lock()
     per_teacher = cells(profile, methods)
     total = len(profile["seeds"]) * len(per_teacher)
@@ -276,7 +315,7 @@ def run_matrix(
             if (method.name, removed, seed) in done:
                 continue
             ratio = ratios[removed]
-            row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune))
+            row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
             row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
             row.update(fine_tuned=fine_tune)
             with lock:

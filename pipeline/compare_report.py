@@ -54,7 +54,7 @@ def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
                 f"{_mean_std([r['pruned_val'] for r in runs])} | "
                 f"{_mean_std([r['student_test'] for r in tuned])} | {delta_text} | "
                 f"{100 * (1 - runs[0]['params_ratio']):.1f}% | "
-                f"{np.median(speed):.2f}x | {len(runs)} |"
+                f"{f'{np.median(speed):.2f}x' if speed else '–'} | {len(runs)} |"
             )
     return "\n".join(lines)
 
