@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.compare import PROFILES, uniform_ratio_for
-from tests.conftest import RAW, REPO, clean_env
+from pipeline.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
+from tests.conftest import RAW, REPO, clean_env, run_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -55,6 +56,16 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     assert (tmp_path / "docs" / "results" / "tiny_student_test.png").stat().st_size > 0
     ws = tmp_path / "ws" / "seed-0"
     assert (ws / "dvc.lock").exists() and (ws / "mlflow.db").exists()
+
+    # a prune-only cell measured in-process equals what the evaluate stage reports for the same cell
+    po = cells[("cdc", 0.6)]
+    params = cell_params(PROFILES["tiny"], METHOD_BY_NAME["cdc"], 0, po["ratio"], fine_tune=False)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok([sys.executable, "-m", "dvc", "repro"], ws, env | {"PYTHONPATH": str(ws)})
+    metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
+    for model in ("teacher", "pruned"):
+        for split in ("test", "val"):
+            assert metrics[model][f"{split}_acc"] == po[f"{model}_{split}"], (model, split)
 
     # resuming: every cell is in the rows file, so nothing runs again
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
