@@ -61,7 +61,7 @@ METHODS = [
     Method("fisher", "fisher", True, "kd_dca", False, "Fisher ratio (hierarchical)"),
     Method("di", "di", True, "kd_dca", False, "DI, pooled 4x4 grid (hierarchical)"),
     Method("l1", "l1", False, "kd_dca", True, "filter L1 norm"),
-    Method("bn_gamma", "bn_gamma", False, "kd_dca", True, "BN |gamma|"),
+    Method("bn_gamma", "bn_gamma", False, "kd_dca", True, "BN gamma magnitude"),
     Method("taylor", "taylor", False, "kd_dca", False, "first-order Taylor"),
     Method("random", "random", False, "kd_dca", True, "random channels"),
 ]
@@ -341,6 +341,19 @@ def run_matrix(
     return rows
 
 
+def cpu_model() -> str:
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, no GPU used"
+
+
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -391,10 +404,11 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     meta = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'CPU'}",
+        "machine": cpu_model(),
         "command": command,
         "profile": args.profile,
         "about": profile["about"],
+        "finetune_removed": profile["finetune_removed"],
         "params": profile["params"],
     }
     write_report(rows, [m for m in METHODS if m.name in args.methods], args.out, meta)

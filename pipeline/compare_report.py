@@ -35,8 +35,8 @@ def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
     cells = _by_cell(rows)
     lines = [
         "| FLOPs cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
-        "student test acc (%) | Δ student − teacher (points) | params cut | speed-up | teachers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "student test acc (%) | Δ student − teacher (points) | params cut | teachers |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for removed in budgets:
         for m in methods:
@@ -47,16 +47,25 @@ def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
             delta = [100 * (r["student_test"] - r["teacher_test"]) for r in tuned]
             spread = np.std(delta, ddof=1) if len(delta) > 1 else 0.0
             delta_text = f"{np.mean(delta):+.2f} ± {spread:.2f}" if delta else "–"
-            speed = [v for r in runs for v in r["speedup"].values()]
             lines.append(
                 f"| {100 * removed:.0f}% → {100 * (1 - runs[0]['flops_ratio']):.1f}% | {m.label} | "
                 f"{_mean_std([r['pruned_test'] for r in runs])} | "
                 f"{_mean_std([r['pruned_val'] for r in runs])} | "
                 f"{_mean_std([r['student_test'] for r in tuned])} | {delta_text} | "
-                f"{100 * (1 - runs[0]['params_ratio']):.1f}% | "
-                f"{f'{np.median(speed):.2f}x' if speed else '–'} | {len(runs)} |"
+                f"{100 * (1 - runs[0]['params_ratio']):.1f}% | {len(runs)} |"
             )
     return "\n".join(lines)
+
+
+def speedup_line(rows: list[dict], budgets: list[float]) -> str:
+    """Median student speed-up per budget over the cells that ran `evaluate` (every method of a budget
+    has the same widths, so one figure per budget)."""
+    parts = []
+    for removed in budgets:
+        speed = [v for r in rows if r["flops_removed"] == removed for v in r["speedup"].values()]
+        if speed:
+            parts.append(f"{100 * removed:.0f}% fewer FLOPs: {np.median(speed):.2f}x ({len(speed)} cells)")
+    return "; ".join(parts)
 
 
 def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
@@ -99,6 +108,35 @@ def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
                 f"{wins}/{len(seeds)} |"
             )
     return "\n".join(lines)
+
+
+def plot_fine_tuned(rows: list[dict], methods: list, budgets: list[float], path: Path) -> None:
+    """After fine-tune, one panel per fine-tuned budget: each method's mean ± std over teachers (methods
+    fine-tuned at too few budgets for a curve)."""
+    cells = _by_cell(rows)
+    fig = Figure(figsize=(7, 1.2 + 0.35 * len(methods) * len(budgets)))
+    axes = fig.subplots(len(budgets), 1, squeeze=False)[:, 0]
+    for ax, removed in zip(axes, budgets, strict=True):
+        labels, means, stds = [], [], []
+        for m in methods:
+            runs = [r for r in cells.get((m.name, removed), {}).values() if fine_tuned(r)]
+            if runs:
+                labels.append(m.label)
+                means.append(100 * np.mean([r["student_test"] for r in runs]))
+                stds.append(100 * np.std([r["student_test"] for r in runs]))
+        y = np.arange(len(labels))[::-1]
+        ax.errorbar(means, y, xerr=stds, fmt="o", capsize=3)
+        ax.set_yticks(y, labels, fontsize=8)
+        teachers = [r["teacher_test"] for r in rows]
+        ax.axvline(100 * np.mean(teachers), color="k", lw=0.8, ls=":", label="teacher (mean)")
+        ax.set_title(
+            f"after fine-tune, {100 * removed:.0f}% fewer FLOPs: mean ± std over teachers", fontsize=9
+        )
+        ax.set_xlabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> None:
@@ -191,22 +229,31 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
     plot_dir = out.parent / "results"
     plot_dir.mkdir(parents=True, exist_ok=True)
     name = meta["profile"]
-    for key, title in STAGES.items():
-        plot(rows, methods, key, f"{title}, mean ± std over teachers", plot_dir / f"{name}_{key}.png")
+    plot(rows, methods, "pruned_test", f"{STAGES['pruned_test']}, mean ± std over teachers",
+         plot_dir / f"{name}_pruned_test.png")  # fmt: skip
+    tuned = meta.get("finetune_removed") or sorted({r["flops_removed"] for r in rows if fine_tuned(r)})
+    if len(tuned) > 1:
+        plot(rows, methods, "student_test", "after fine-tune, mean ± std over teachers",
+             plot_dir / f"{name}_student_test.png")  # fmt: skip
+    else:
+        plot_fine_tuned(rows, methods, tuned, plot_dir / f"{name}_student_test.png")
     teachers = {r["seed"]: r["teacher_test"] for r in rows}
     wall = sum(r["wall_s"] for r in rows)
+    jobs = len(teachers)
+    teacher_text = ", ".join(f"seed {s}: {100 * a:.2f}%" for s, a in sorted(teachers.items()))
     text = f"""# Method comparison at matched budgets
 
-Produced by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); {len(rows)} cells,
-{wall / 60:.0f} min of pipeline wall time. Profile `{name}`: {meta["about"]}. Raw rows:
-`docs/results/compare_{name}.json`.
+Produced by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); {len(rows)} cells whose
+wall times sum to {wall / 60:.0f} min, {jobs} teachers' cells running at once. Profile `{name}`:
+{meta["about"]}. Raw rows: `docs/results/compare_{name}.json`.
 
-Every cell is a full `cdc repro` of the pipeline. Within a budget every method prunes to the *same
-widths* (one uniform per-layer ratio solved for the FLOPs target), so FLOPs and params are identical
-across methods; every method gets the same fine-tune (epochs, schedule, seed): KD + DCA as in CDC, except
-"CDC without DCA" (KD only). Teachers (seeds {", ".join(str(s) for s in sorted(teachers))}) test accuracy:
-{", ".join(f"{100 * a:.2f}%" for _, a in sorted(teachers.items()))}. Accuracies are mean ± std over the
-teachers; Δ is computed per teacher, then averaged.
+Each fine-tuned cell is a `dvc repro` of the whole pipeline; a cell without fine-tune is
+`dvc repro prune` followed by the evaluate stage's own BN recalibration and accuracy functions (a
+test pins them to the stage's output). Within a budget every method prunes to the *same widths* (one
+uniform per-layer ratio solved for the FLOPs target), so FLOPs and params are identical across
+methods; every fine-tuned method gets the same fine-tune (epochs, schedule, seed): KD + DCA as in
+CDC, except "CDC without DCA" (KD only). Teachers' test accuracy: {teacher_text}. Accuracies are
+mean ± std over the teachers; Δ is computed per teacher, then averaged.
 
 Profile params over the defaults:
 
@@ -218,7 +265,14 @@ Profile params over the defaults:
 
 {method_table(rows, methods, budgets)}
 
+Student speed-up at batch 64 (BN folded; measured while the other teachers' cells ran, so
+indicative only; docs/performance.md has the uncontended figures): {speedup_line(rows, budgets)}.
+
 ## Paired with the best data-free baseline
+
+The best data-free baseline of a budget (highest mean accuracy of `l1`, `bn_gamma`, `random`, after
+fine-tune where there is one), against each other method, paired by teacher: mean ± std over the
+teachers of the difference in test accuracy.
 
 {paired_table(rows, methods, budgets)}
 
