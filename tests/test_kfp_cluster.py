@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from cdc.params import PruneParams
 from pipeline.cli import main
 from pipeline.cluster import ClusterError, kfp_cron
 from tests.conftest import REPO
@@ -112,7 +113,9 @@ def test_schedule_sends_the_cron_params_and_pipeline_spec(api: str, in_repo: Non
     config = body["runtime_config"]
     assert config["pipeline_root"] == "s3://bucket/cdc/runs"
     parameters = config["parameters"]
-    assert parameters["prune"] == {"budget": "uniform", "ratio": 0.4, "round_to": 1}
+    # the whole section, nulls left out (KFP structs cannot carry them), with the one override
+    expected = {k: v for k, v in PruneParams(ratio=0.4).model_dump().items() if v is not None}
+    assert parameters["prune"] == expected
     assert parameters["runtime"]["device"] == "cuda"
     assert parameters["raw_uri"] == "s3://bucket/cdc/raw"
     assert parameters["mlflow_tracking_uri"] == "http://mlflow.mlflow:5000"
