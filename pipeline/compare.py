@@ -175,9 +175,9 @@ def cells(profile: dict, methods: list[Method]) -> list[tuple[Method, float, boo
     return out
 
 
-def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
-    """A git + DVC copy of the repository's files (code included) with the raw data, for the cells to
-    run in: a comparison keeps running the code it started with."""
+def copy_repository(ws: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy the repository's files (tracked and untracked, not ignored) into `ws`, but those whose
+    path starts with one of `skip`."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -185,15 +185,19 @@ def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
         text=True,
         check=True,
     ).stdout.split()
-    fresh = not (ws / ".git").exists()
     for rel in files:
-        # an existing workspace keeps its own DVC state: the repository's dvc.lock would make DVC rerun
-        # the teacher (a stage with persistent checkpoints is never restored from the run cache)
-        if not fresh and (rel in ("dvc.lock", "params.yaml") or rel.startswith("metrics/")):
-            continue
-        if (REPO / rel).is_file():
+        if not rel.startswith(skip) and (REPO / rel).is_file():
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, ws / rel)
+
+
+def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
+    """A git + DVC copy of the repository's files (code included) with the raw data, for the cells to
+    run in: a comparison keeps running the code it started with."""
+    fresh = not (ws / ".git").exists()
+    # an existing workspace keeps its own DVC state: the repository's dvc.lock would make DVC rerun the
+    # teacher (a stage with persistent checkpoints is never restored from the run cache)
+    copy_repository(ws, () if fresh else ("dvc.lock", "params.yaml", "metrics/"))
     if not (ws / "data" / "raw").exists():
         shutil.copytree(raw, ws / "data" / "raw")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CDC_"))}

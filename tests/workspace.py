@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from cdc.params import Params
+from pipeline.compare import copy_repository
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,17 +54,7 @@ def clean_env(tracking_db: Path) -> dict[str, str]:
 def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
     """Copy the repository's files (tracked and untracked, not ignored) and the raw Fashion-MNIST under
     `raw` into `ws`, write the tiny params, commit it all; returns the environment to run commands in."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, ws / rel)
+    copy_repository(ws)
     shutil.copytree(raw / "FashionMNIST", ws / "data" / "raw" / "FashionMNIST")
     # DVC needs every section a stage names: the tiny profile over the schema defaults
     (ws / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump()))
