@@ -75,4 +75,4 @@ compare: $(BIN)/cdc data  ## method comparison (about 2 h on 2 cores): cdc compa
 	$(BIN)/cdc compare --profile default --report-only
 
 clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
-	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate mlflow.db mlartifacts kfp_outputs
+	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate data/export mlflow.db mlartifacts kfp_outputs

@@ -87,7 +87,8 @@ class ScatterAccumulator:
 def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray]:
     """Top `n_components` generalized eigenvectors W (d x n) and eigenvalues, descending.
 
-    rho = 0.02 * lambda_max(S_W), rho' = 0.1 * rho. W is B-orthonormal: W^T (S_W + rho I) W = I.
+    rho = 0.02 * lambda_max(S_W), rho' = 0.1 * rho. W is B-orthonormal: W^T (S_W + rho I) W = I, and
+    each column's sign is canonical (`canonical_signs`).
     LAPACK computes only the eigenpairs asked for (the top one of S_W, the top n of the pencil): at
     d = 2048 this halves the time of a full decomposition (bench/scale.py).
     """
@@ -99,7 +100,17 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     a = s_b + s_w + (rho + rho_prime) * np.eye(d)
     b = s_w + rho * np.eye(d)
     values, vectors = scipy.linalg.eigh(a, b, subset_by_index=[d - n_components, d - 1], driver="gvx")
-    return vectors[:, ::-1], values[::-1]
+    return canonical_signs(vectors[:, ::-1]), values[::-1]
+
+
+def canonical_signs(w: np.ndarray) -> np.ndarray:
+    """Flip each column so that its largest-magnitude entry is positive.
+
+    An eigenvector's sign is arbitrary and LAPACK's choice can change with the CPU's code path or
+    thread count; fixing it makes the saved basis a function of the data only (lineage compares hashes).
+    """
+    rows = np.abs(w).argmax(axis=0)
+    return w * np.where(w[rows, np.arange(w.shape[1])] < 0, -1.0, 1.0)
 
 
 def fit_dca(acc: ScatterAccumulator) -> np.ndarray:

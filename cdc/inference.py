@@ -10,6 +10,7 @@ ONNX Runtime (which folds BN itself and has a lower per-operator cost than eager
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,34 @@ INFERENCE_FORMS = ("eager", "folded", "folded_channels_last", "compiled", "onnxr
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy with every conv -> BN pair folded into one conv (same outputs up to rounding)."""
     return fx_optimization.fuse(copy.deepcopy(model).eval(), inplace=True)
+
+
+class Deployable(nn.Module):
+    """A model with its input normalization in front: takes float images in [0, 1] (N x C x H x W), so
+    a serving stack needs no dataset statistics."""
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """TorchScript (traced; the networks here have no data-dependent control flow) for C++ and
+    TorchServe deployments. PyTorch deprecates TorchScript for torch.export; those runtimes still load it."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
+        torch.jit.trace(copy.deepcopy(model).eval(), example).save(str(path))
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
+        return torch.jit.load(str(path))
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path | None = None) -> bytes:

@@ -151,6 +151,15 @@ class EvaluateParams(Section):
         return _check_registry(v, dict.fromkeys(INFERENCE_FORMS), "inference form")
 
 
+class ExportParams(Section):
+    model_name: str = Field(
+        "cdc-student",
+        description="MLflow registered model the student joins as @candidate ('': not registered)",
+    )
+    check_images: int = Field(256, ge=2, description="test images each exported form must reproduce")
+    tolerance: float = Field(1e-3, gt=0, description="largest logit difference allowed, x the largest logit")
+
+
 class RuntimeParams(Section):
     device: str = Field(
         "auto", pattern=f"^({DEVICE_PATTERN})$", description="auto | cpu | cuda | cuda:N (auto: CUDA if any)"
@@ -172,6 +181,7 @@ class Params(Section):
     fit_dca: FitDcaParams = FitDcaParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
     @model_validator(mode="after")
     def _di_needs_grid_statistics(self) -> Params:

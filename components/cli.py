@@ -89,17 +89,80 @@ def repro(dvc_args: list[str]) -> int:
     ) as run:
         env[PARENT_ENV] = run.info.run_id
         log.info("MLflow pipeline run %s; running dvc repro %s", run.info.run_id, " ".join(args))
-        code = subprocess.call([sys.executable, "-m", "dvc", "repro", *args], env=env)
+        code, output = _tee([sys.executable, "-m", "dvc", "repro", *args], env)
+        mlflow.set_tags({f"cdc.stages.{k}": ",".join(v) for k, v in stage_outcomes(output).items()})
         report = STAGE_BY_NAME["evaluate"].outputs["report"]
-        for path in ("dvc.lock", "params.yaml", EVALUATION, report):
-            if Path(path).exists():
-                mlflow.log_artifact(path)
+        for path in ("dvc.lock", "params.yaml", *METRICS_FILES, report):
+            if Path(path).exists():  # under their repository paths: `cdc lineage` reads them back
+                mlflow.log_artifact(path, artifact_path=str(Path(path).parent).strip(".") or None)
         if code != 0:
             mlflow.set_tag("cdc.failed", f"dvc repro exited with status {code}")
             mlflow.end_run(status="FAILED")
             return code
+        if Path(EVALUATION).exists():
+            _log_headline(mlflow, Path(EVALUATION), "params.yaml")
     summary(Path(EVALUATION), "params.yaml")
     return 0
+
+
+METRICS_FILES = [s.outputs[n] for s in STAGES for n in s.metrics]
+# the params a reader compares two pipeline runs by, logged on the pipeline run itself
+HEADLINE_PARAMS = (
+    "seed",
+    "data.dataset",
+    "train_teacher.arch",
+    "score.criterion",
+    "prune.budget",
+    "prune.ratio",
+    "prune.flops_target",
+    "distill.epochs",
+    "distill.kd_weight",
+    "distill.dca_weight",
+)
+
+
+def _tee(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run `cmd`, echoing its output as it comes; return the exit status and the output."""
+    lines = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            lines.append(line)
+    return proc.returncode, "".join(lines)
+
+
+def stage_outcomes(dvc_output: str) -> dict[str, list[str]]:
+    """Which stages `dvc repro` ran, restored from its run cache, or skipped as unchanged."""
+    import re
+
+    patterns = {
+        "ran": r"Running stage '([\w-]+)'",
+        "restored": r"Stage '([\w-]+)' is cached - skipping run",
+        "skipped": r"Stage '([\w-]+)' didn't change, skipping",
+    }
+    return {k: re.findall(p, dvc_output) for k, p in patterns.items()}
+
+
+def _log_headline(mlflow: Any, metrics_path: Path, params_path: str) -> None:
+    """Teacher/student accuracy, the FLOPs and params ratios, the speed-ups and the key params on the
+    pipeline run: two runs compare in the MLflow UI without opening the nested runs."""
+    from cdc.io import read_json
+    from cdc.params import load_params
+
+    m = read_json(metrics_path)
+    headline = {f"{who}_test_acc": m[who]["test_acc"] for who in ("teacher", "pruned", "student")}
+    headline.update({k: v for k, v in m["student_vs_teacher"].items() if isinstance(v, int | float)})
+    mlflow.log_metrics({k: float(v) for k, v in headline.items()})
+    params = load_params(params_path).model_dump()
+    logged = {}
+    for key in HEADLINE_PARAMS:
+        value: Any = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        logged[key] = value
+    mlflow.log_params(logged)
 
 
 def summary(metrics_path: Path, params_path: str) -> None:

@@ -155,6 +155,18 @@ STAGES: list[Stage] = [
         params=("seed", "evaluate", RUNTIME),
         metrics=("metrics",),
     ),
+    Stage(
+        "export",
+        "Export the student to ONNX and TorchScript, check both reproduce its logits, register it in MLflow.",
+        inputs={"prepared": PREPARED, "student": "data/student/model.pt"},
+        outputs={
+            "onnx": "data/export/student.onnx",
+            "torchscript": "data/export/student.torchscript.pt",
+            "report": "data/export/report.json",
+        },
+        kinds={"onnx": "model", "torchscript": "model", "report": "artifact"},
+        params=("export",),
+    ),
 ]
 
 STAGE_BY_NAME = {s.name: s for s in STAGES}

@@ -7,6 +7,7 @@ MLflow run to the `dvc.lock` entry that produced the same files.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "CDC_PARENT_RUN_ID"
 EXPERIMENT_ENV = "CDC_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cdc"
+CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: the newest export, the promoted one
 
 
 def tracking_uri() -> str:
@@ -43,13 +45,21 @@ def setup_mlflow() -> Any:
 
 
 def md5(path: str | Path) -> str:
-    """md5 of a file; of a directory, md5 over its sorted (relative path, file md5) pairs."""
+    """The hash `dvc.lock` records for `path`, computed the way DVC 3 computes it, so an MLflow run's
+    tags and `dvc.lock` compare as strings.
+
+    A file: the md5 of its bytes. A directory: the md5 of the JSON list of its files' `{"md5", "relpath"}`
+    sorted by relative path (dvc_data's `Tree.as_bytes`), with the suffix `.dir`
+    (tests/test_lineage.py pins this against the hashes DVC wrote).
+    """
     path = Path(path)
     if path.is_dir():
-        h = hashlib.md5()
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(path).as_posix()}:{md5(f)}\n".encode())
-        return h.hexdigest()
+        entries = [
+            {"md5": md5(f), "relpath": f.relative_to(path).as_posix()}
+            for f in sorted(path.rglob("*"), key=lambda f: f.relative_to(path).as_posix())
+            if f.is_file()
+        ]
+        return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
     h = hashlib.md5()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -57,13 +67,19 @@ def md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
+DVC_WRITTEN = (":(exclude)dvc.lock", ":(exclude)metrics", ":(exclude,glob)**/.gitignore")
+
+
 def git_commit() -> str:
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        # what DVC itself writes during `dvc repro` (the lock, git-kept metrics) does not dirty the code
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITTEN],
+            capture_output=True,
+            text=True,
         )
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -91,6 +107,36 @@ class StageTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._mlflow.set_tags(tags)
+
+    def register_model(
+        self, model: Any, name: str, example: Any, example_output: Any, tags: dict[str, str]
+    ) -> str:
+        """Log `model` on this run (torch.export format, signature from the example) and register it
+        as `name` with the alias `candidate`; the version's tags lead back to this run and its lineage."""
+        from mlflow.models import infer_signature
+
+        mlflow = self._mlflow
+        run = mlflow.active_run()
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, example_output),
+            input_example=example,
+            serialization_format="pt2",
+            registered_model_name=name,
+        )
+        version = str(info.registered_model_version)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        lineage = {
+            "cdc.run_id": run.info.run_id,
+            "cdc.pipeline_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+            "cdc.git_commit": git_commit(),
+            "cdc.lineage": f"cdc lineage show models:/{name}/{version}",
+        }
+        for key, value in {**lineage, **tags}.items():
+            client.set_model_version_tag(name, version, key, value)
+        return version
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 
 from components import cli as stage_cli
 from pipeline.compare import add_compare_parser, run_compare
+from pipeline.lineage import add_lineage_parser, add_promote_parser, run_lineage, run_promote
 
 log = logging.getLogger("cdc.kfp")
 
@@ -189,6 +190,8 @@ def _run_local(args: argparse.Namespace, params: Any) -> int:
 EXTENSIONS: dict[str, stage_cli.Extension] = {
     "kfp": (add_kfp_parser, run_kfp),
     "compare": (add_compare_parser, run_compare),
+    "lineage": (add_lineage_parser, run_lineage),
+    "promote": (add_promote_parser, run_promote),
 }
 
 

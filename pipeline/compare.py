@@ -217,12 +217,12 @@ def make_workspace(ws: Path, raw: Path) -> dict[str, str]:
 
 
 def run_cell(ws: Path, env: dict[str, str], params: dict, fine_tune: bool) -> dict:
-    """One cell: `dvc repro` with `params` (each stage logs its MLflow run); the row from its metrics and
-    prune report. A cell without fine-tune stops at `prune` (`dvc repro prune`) and measures the pruned
-    model with the evaluate stage's own recalibration and accuracy functions, in this process."""
+    """One cell: `dvc repro evaluate` with `params` (each stage logs its MLflow run); the row from its
+    metrics and prune report. A cell without fine-tune stops at `prune` (`dvc repro prune`) and measures
+    the pruned model with the evaluate stage's own recalibration and accuracy functions, in this process."""
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     start = time.monotonic()
-    target = [] if fine_tune else ["prune"]
+    target = ["evaluate" if fine_tune else "prune"]  # not `export`: the cells register no models
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", *target], cwd=ws, env=env, capture_output=True, text=True
     )

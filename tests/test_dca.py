@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from cdc.dca import ScatterAccumulator, align_signs, fit_dca, solve_dca
+from cdc.dca import ScatterAccumulator, align_signs, canonical_signs, fit_dca, solve_dca
 
 
 def _data(rng: np.random.Generator, n: int = 400, d: int = 12, classes: int = 4):
@@ -102,3 +102,15 @@ def test_sign_alignment(rng):
     ps, pt = acc_s.centroids() @ w_s, centroids @ w_t
     ps, pt = ps - ps.mean(0), pt - pt.mean(0)
     assert np.all((ps * pt).sum(0) > 0)
+
+
+def test_basis_signs_are_canonical_whatever_lapack_returns(rng):
+    """The saved basis is a function of the data: each column's largest entry is positive, and the
+    result does not change when the eigenvectors come back with flipped signs."""
+    x, y = _data(rng)
+    s_b, s_w = _explicit_scatters(x, y)
+    w, _ = solve_dca(s_b, s_w, 4)
+    peaks = w[np.abs(w).argmax(axis=0), np.arange(4)]
+    assert np.all(peaks > 0)
+    flipped = w * np.array([-1.0, 1.0, -1.0, -1.0])
+    np.testing.assert_array_equal(canonical_signs(flipped), w)
