@@ -116,8 +116,11 @@ class Runs:
     """The stage runs of the MLflow experiment, indexed by what they wrote."""
 
     def __init__(self) -> None:
+        import os
+
         from components.tracking import setup_mlflow
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per lookup
         self.mlflow = setup_mlflow()
         self.client = self.mlflow.MlflowClient()
         experiment = self.mlflow.get_experiment_by_name(_experiment_name())
@@ -214,7 +217,7 @@ class Trace:
 def show(target: str, runs: Runs | None = None, lock_path: Path = Path(LOCK)) -> Trace:
     runs = runs or Runs()
     stage, lock, lock_from = _resolve_target(target, runs, lock_path)
-    chain = upstream(lock, stage)
+    chain = list(lock) if stage is None else upstream(lock, stage)
     sources = {p: h for name in chain for p, h in deps(lock[name]).items() if producer(lock, p) is None}
     trace = Trace(target, lock_from, sources)
     for name in chain:
@@ -231,8 +234,9 @@ def _cmd(entry: dict[str, Any]) -> str:
     return " ".join(entry["cmd"]) if isinstance(entry.get("cmd"), list) else str(entry.get("cmd", ""))
 
 
-def _resolve_target(target: str, runs: Runs, lock_path: Path) -> tuple[str, dict[str, Any], str]:
-    """(stage to trace from, the dvc.lock to read the chain from, where that lock came from)."""
+def _resolve_target(target: str, runs: Runs, lock_path: Path) -> tuple[str | None, dict[str, Any], str]:
+    """(stage to trace from or None for the whole DAG, the dvc.lock to read the chain from, where that
+    lock came from)."""
     if target.startswith("models:/"):
         target = _model_run(target, runs)
     if RUN_ID.match(target):
@@ -241,7 +245,7 @@ def _resolve_target(target: str, runs: Runs, lock_path: Path) -> tuple[str, dict
             lock = runs.logged_lock(run.run_id)
             if not lock:
                 raise LineageError(f"pipeline run {target} logged no dvc.lock (did dvc repro fail?)")
-            return list(lock)[-1], lock, f"dvc.lock logged by pipeline run {run.run_id}"
+            return None, lock, f"dvc.lock logged by pipeline run {run.run_id}"
         for source, lock in (
             (f"dvc.lock logged by pipeline run {run.parent}", runs.logged_lock(run.parent or "")),
             (f"{lock_path} in the workspace", lock_stages(_read(lock_path))),
@@ -441,7 +445,15 @@ def _files_touched(a: Snapshot, b: Snapshot) -> list[str] | None:
     for s, c in zip((a, b), commits, strict=True):
         if s.kind == "workspace":  # uncommitted edits are code changes too
             files += _git("diff", "--name-only", c).stdout.split()
-    return sorted(set(files) - {LOCK, *METRICS_FILES})
+    # params are listed above and outputs under artifacts; DVC's own files are no code either
+    return sorted(
+        f
+        for f in set(files)
+        if f not in (LOCK, PARAMS)
+        and not f.startswith(".dvc/")
+        and producer(a.lock, f) is None
+        and producer(b.lock, f) is None
+    )
 
 
 def format_diff(d: Diff) -> str:

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cdc.data import Batches, Split, channel_mean_std, load_raw, stratified_subset
 from tests.workspace import REPO, TINY, clean_env, make_workspace, run_ok  # noqa: F401 (re-exported)
@@ -52,6 +54,17 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 @pytest.fixture(scope="session")
 def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
-    """The output of one `cdc repro` of the tiny profile (every stage runs)."""
+    """The output of one `cdc repro` of the tiny profile (every stage runs); its dvc.lock is kept aside
+    (`first_lock`) since later tests change the workspace."""
     ws, env = workspace
-    return run_ok(["cdc", "repro"], ws, env)
+    out = run_ok(["cdc", "repro"], ws, env)
+    for kept in ("dvc.lock", "metrics/evaluate.json"):
+        shutil.copy(ws / kept, ws.parent / f"first_repro.{Path(kept).name}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def first_lock(workspace: tuple[Path, dict[str, str]], first_repro: str) -> dict:
+    """dvc.lock of the first `cdc repro`, as it was when that run ended."""
+    ws, _ = workspace
+    return yaml.safe_load((ws.parent / "first_repro.dvc.lock").read_text())

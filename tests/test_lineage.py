@@ -1,0 +1,298 @@
+"""Lineage end to end: a second tiny `cdc repro` in its own directory (real DVC, MLflow on SQLite),
+audited with `cdc lineage show | diff | verify`, the registered student, and determinism across the two
+directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cdc.data import load_prepared
+from cdc.inference import load_torchscript, onnx_session
+from cdc.io import load_model
+from components.stages import STAGE_BY_NAME, STAGES
+from components.tracking import md5
+from pipeline import lineage
+from tests.conftest import RAW, make_workspace, run_ok
+
+pytestmark = pytest.mark.e2e
+STAGE_NAMES = [s.name for s in STAGES]
+# what evaluate measures in time: the only bytes that may differ between two runs on one machine
+TIMED = {"metrics/evaluate.json", "data/evaluate/report.md"}
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    ws = tmp_path_factory.mktemp("lineage") / "repo"
+    ws.mkdir()
+    env = make_workspace(ws, RAW)
+    run_ok(["cdc", "repro"], ws, env)
+    return ws, env
+
+
+def cdc(args: list[str], ws: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["cdc", *args], cwd=ws, env=env, capture_output=True, text=True)
+
+
+def lock_outs(ws: Path) -> dict[str, str]:
+    stages = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    return {p: h for entry in stages.values() for p, h in lineage.outs(entry).items()}
+
+
+def client(env: dict[str, str]) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def pipeline_runs(env: dict[str, str]) -> list:
+    c = client(env)
+    experiment = c.get_experiment_by_name("cdc")
+    return c.search_runs(
+        [experiment.experiment_id], "tags.`cdc.stage` = 'pipeline'", order_by=["attributes.start_time ASC"]
+    )
+
+
+def head(ws: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+
+
+def test_dvc_lock_producer_and_upstream_on_a_hand_written_lock():
+    lock = {
+        "a": {"deps": [{"path": "raw", "md5": "r"}], "outs": [{"path": "d/x", "md5": "1.dir"}]},
+        "b": {"deps": [{"path": "d/x/f.npz", "md5": "2"}], "outs": [{"path": "m.pt", "md5": "3"}]},
+        "c": {"deps": [{"path": "raw", "md5": "r"}], "outs": [{"path": "other", "md5": "4"}]},
+        "d": {"deps": [{"path": "m.pt", "md5": "3"}, {"path": "other", "md5": "4"}], "outs": []},
+    }
+    assert lineage.producer(lock, "d/x/f.npz") == "a" and lineage.producer(lock, "raw") is None
+    assert lineage.upstream(lock, "b") == ["a", "b"]
+    assert lineage.upstream(lock, "d") == ["a", "b", "c", "d"]
+
+
+def test_hashes_on_mlflow_runs_are_the_ones_dvc_lock_records_directories_included(audited):
+    ws, env = audited
+    recorded = lock_outs(ws)
+    assert any(h.endswith(".dir") for h in recorded.values())
+    for path, h in recorded.items():
+        assert md5(ws / path) == h, path
+    runs = [r for r in client(env).search_runs([client(env).get_experiment_by_name("cdc").experiment_id])]
+    compared = 0
+    for run in runs:
+        for key, value in run.data.tags.items():
+            if key.startswith("cdc.output.") and key.endswith(".path") and value in recorded:
+                assert run.data.tags[key[: -len(".path")] + ".md5"] == recorded[value], value
+                compared += 1
+    assert compared == len(recorded)
+
+
+def test_the_same_params_in_two_directories_give_byte_identical_artifacts(audited, workspace, first_lock):
+    """Determinism, proved: every hash DVC recorded in the first workspace's run recurs here, except
+    the evaluation's timings; its accuracies, FLOPs and params recur too."""
+    ws, _ = audited
+    first_ws, _ = workspace
+    first = {p: h for e in first_lock["stages"].values() for p, h in lineage.outs(e).items()}
+    second = lock_outs(ws)
+    assert set(first) == set(second)
+    assert {p for p in first if first[p] != second[p]} <= TIMED
+    assert len(set(first) - TIMED) >= 20
+    a = json.loads((first_ws.parent / "first_repro.evaluate.json").read_text())
+    b = json.loads((ws / "metrics/evaluate.json").read_text())
+    for model in ("teacher", "pruned", "student"):
+        for key in ("test_acc", "val_acc", "flops", "params"):
+            assert a[model][key] == b[model][key], (model, key)
+
+
+def test_verify_passes_on_an_untouched_run(audited):
+    ws, env = audited
+    proc = cdc(["lineage", "verify"], ws, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK: ") and f"of {len(STAGES)} stages" in proc.stdout
+
+
+def test_show_traces_the_registered_student_back_to_the_raw_data(audited):
+    ws, env = audited
+    proc = cdc(["lineage", "show", "models:/cdc-student@candidate", "--json"], ws, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trace = json.loads(proc.stdout)
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert [s["stage"] for s in trace["stages"]] == [n for n in STAGE_NAMES if n != "evaluate"]
+    assert trace["sources"] == {"data/raw": lineage.deps(lock["prepare"])["data/raw"]}
+    for record in trace["stages"]:
+        assert record["run_id"] and record["commit"] == head(ws), record["stage"]
+        assert record["outputs"] == lineage.outs(lock[record["stage"]])
+        assert record["params"] == lineage.stage_params(lock[record["stage"]])
+    assert trace["stages"][0]["inputs"] == {"data/raw": lineage.deps(lock["prepare"])["data/raw"]}
+    text = cdc(["lineage", "show", "data/student/model.pt"], ws, env).stdout
+    assert text.startswith("data/student/model.pt: 7 stages") and "source  data/raw" in text
+    diagram = cdc(["lineage", "show", "data/prune/model.pt", "--mermaid"], ws, env).stdout
+    assert diagram.startswith("flowchart LR") and "s_prune" in diagram and "s_distill" not in diagram
+    # a pipeline run id: its whole DAG, read from the dvc.lock it logged
+    (run,) = pipeline_runs(env)
+    whole = json.loads(cdc(["lineage", "show", run.info.run_id, "--json"], ws, env).stdout)
+    assert [s["stage"] for s in whole["stages"]] == STAGE_NAMES
+    missing = cdc(["lineage", "show", "data/nothing.pt"], ws, env)
+    assert (
+        missing.returncode == 2
+        and "no stage output" in missing.stdout
+        and "data/prune/model.pt" in missing.stdout
+    )
+
+
+def test_exports_reproduce_the_student_and_the_registry_serves_it(audited):
+    ws, env = audited
+    data = load_prepared(ws / "data/prepared")
+    images = torch.from_numpy(data.test.images[:64]).float() / 255.0
+    mean = torch.tensor(data.meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(data.meta["std"]).view(1, -1, 1, 1)
+    student = load_model(ws / "data/student/model.pt")[0].eval()
+    with torch.no_grad():
+        expected = student((images - mean) / std).numpy()
+    session = onnx_session((ws / "data/export/student.onnx").read_bytes())
+    onnx_logits = session.run(None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        ts_logits = load_torchscript(ws / "data/export/student.torchscript.pt")(images).numpy()
+    for logits in (onnx_logits, ts_logits):
+        np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    served = mlflow.pyfunc.load_model("models:/cdc-student@candidate").predict(images.numpy()[:5])
+    np.testing.assert_array_equal(np.asarray(served).argmax(1), expected[:5].argmax(1))  # batch 5: dynamic
+    version = client(env).get_model_version_by_alias("cdc-student", "candidate")
+    export_run = client(env).get_run(version.run_id)
+    assert export_run.data.tags["cdc.stage"] == "export"
+    assert version.tags["cdc.student.md5"] == lock_outs(ws)["data/student/model.pt"]
+    assert version.tags["cdc.run_id"] == version.run_id and version.tags["cdc.pipeline_run_id"]
+    promoted = cdc(["promote"], ws, env)
+    assert promoted.returncode == 0 and f"@champion -> version {version.version}" in promoted.stdout
+    assert client(env).get_model_version_by_alias("cdc-student", "champion").version == version.version
+
+
+def test_pipeline_run_carries_the_headline_metrics_and_which_stages_ran(audited):
+    ws, env = audited
+    (run,) = pipeline_runs(env)
+    evaluation = json.loads((ws / STAGE_BY_NAME["evaluate"].outputs["metrics"]).read_text())
+    assert run.data.metrics["student_test_acc"] == evaluation["student"]["test_acc"]
+    assert run.data.metrics["teacher_test_acc"] == evaluation["teacher"]["test_acc"]
+    for key in ("flops_ratio", "params_ratio", "speedup_b1", "speedup_b64"):
+        assert run.data.metrics[key] == evaluation["student_vs_teacher"][key]
+    assert run.data.params["prune.ratio"] == "0.53" and run.data.params["score.criterion"] == "symdiv"
+    assert run.data.tags["cdc.stages.ran"] == ",".join(STAGE_NAMES)
+    assert run.data.tags["cdc.stages.skipped"] == "" and run.data.tags["cdc.stages.restored"] == ""
+
+
+def test_diff_of_two_runs_that_differ_in_one_distill_param(audited):
+    """Pipeline runs, git revisions and DVC experiments all resolve; the diff names exactly the
+    param, the stages downstream of it, their outputs and the metrics that moved."""
+    ws, env = audited
+    run_ok(["git", "add", "-A"], ws, env)
+    run_ok(["git", "commit", "-qm", "baseline run"], ws, env)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["distill"]["temperature"] = 2.0
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok(["cdc", "repro"], ws, env)
+    first, second = pipeline_runs(env)
+    assert second.data.tags["cdc.stages.ran"] == "distill,evaluate,export"
+    assert second.data.tags["cdc.stages.skipped"] == "prepare,train_teacher,dump_stats,score,prune,fit_dca"
+    run_ok(["dvc", "exp", "save", "-n", "temperature-2"], ws, env)
+    downstream = {
+        p for name in ("distill", "evaluate", "export") for p in STAGE_BY_NAME[name].outputs.values()
+    }
+    for a, b in ((first.info.run_id, second.info.run_id), ("HEAD", "temperature-2"), ("HEAD", "workspace")):
+        proc = cdc(["lineage", "diff", a, b, "--json"], ws, env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        d = json.loads(proc.stdout)
+        assert d["params"] == {"distill.temperature": [4.0, 2.0]}, (a, b)
+        assert d["stages_rerun"] == ["distill", "evaluate", "export"]
+        assert set(d["artifacts"]) <= downstream and "data/student/model.pt" in d["artifacts"]
+        assert all(k.split(":")[0] in {"metrics/student.json", "metrics/evaluate.json"} for k in d["metrics"])
+        assert "metrics/student.json:val_loss" in d["metrics"]
+        before, after, delta = d["metrics"]["metrics/student.json:val_loss"]
+        assert delta == pytest.approx(after - before)
+        assert d["code"] == []  # same commit: no code changed
+    text = cdc(["lineage", "diff", "HEAD"], ws, env).stdout
+    assert "distill.temperature: 4.0 -> 2.0" in text and "stages rerun (3): distill, evaluate, export" in text
+    bad = cdc(["lineage", "diff", "no-such-run", "HEAD"], ws, env)
+    assert bad.returncode == 2 and "no git revision, DVC experiment" in bad.stdout
+    # the experiment's runs are accounted for: verify still passes
+    proc = cdc(["lineage", "verify"], ws, env)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_suffix(".swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+def _tamper_checkpoint(ws: Path, env: dict[str, str]):
+    path = ws / "data/prune/model.pt"
+    original = path.read_bytes()
+    path.write_bytes(original + b"\0")
+    return lambda: path.write_bytes(original)
+
+
+def _tamper_parquet(ws: Path, env: dict[str, str]):
+    a, b = ws / "data/stats/stats.parquet", ws / "data/stats/grid.parquet"
+    _swap(a, b)
+    return lambda: _swap(a, b)
+
+
+def _tamper_params(ws: Path, env: dict[str, str]):
+    path = ws / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["prune"]["ratio"] = 0.4
+    path.write_text(yaml.safe_dump(params))
+    return lambda: path.write_text(original)
+
+
+def _tamper_delete(ws: Path, env: dict[str, str]):
+    path = ws / "data/dca/dca.npz"
+    kept = path.with_suffix(".kept")
+    shutil.move(path, kept)
+    return lambda: shutil.move(kept, path)
+
+
+def _tamper_record(ws: Path, env: dict[str, str]):
+    c = client(env)
+    runs = c.search_runs(
+        [c.get_experiment_by_name("cdc").experiment_id],
+        "tags.`cdc.stage` = 'score'",
+        order_by=["attributes.start_time DESC"],
+    )
+    run_id, tag = runs[0].info.run_id, "cdc.output.scores.md5"
+    original = runs[0].data.tags[tag]
+    c.set_tag(run_id, tag, "0" * 32)
+    return lambda: c.set_tag(run_id, tag, original)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "kind", "where"),
+    [
+        (_tamper_checkpoint, "modified", "data/prune/model.pt"),
+        (_tamper_parquet, "modified", "data/stats/grid.parquet"),
+        (_tamper_params, "params", "params.yaml:prune.ratio"),
+        (_tamper_delete, "missing", "data/dca/dca.npz"),
+        (_tamper_record, "record", "MLflow run"),
+    ],
+    ids=["modified-checkpoint", "swapped-parquet", "params-without-rerun", "deleted-output", "mlflow-record"],
+)
+def test_verify_reports_each_tampering_with_a_nonzero_exit(audited, tamper, kind, where):
+    ws, env = audited
+    restore = tamper(ws, env)
+    try:
+        proc = cdc(["lineage", "verify", "--json"], ws, env)
+    finally:
+        restore()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["ok"]
+    assert any(f["kind"] == kind and f["where"].startswith(where) for f in report["findings"]), report
+    if tamper is _tamper_record:  # the altered run no longer vouches for the scores
+        assert any(f["kind"] == "untracked" and f["where"] == "score" for f in report["findings"])
