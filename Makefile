@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= cdc:$(VERSION)
 
-.PHONY: run test data lint bench compare ui dvc-yaml compile image clean help
+.PHONY: run test data lint bench compare ui dvc-yaml compile image push pull clean help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -73,6 +73,12 @@ compare: $(BIN)/cdc data  ## method comparison (about 2 h on 2 cores): cdc compa
 	$(BIN)/cdc compare --profile default
 	$(BIN)/python -m bench.ranking_factors
 	$(BIN)/cdc compare --profile default --report-only
+
+push: $(BIN)/cdc  ## upload the DVC-tracked artifacts to S3 (settings: CDC_S3_BUCKET, CDC_S3_ENDPOINT, ...; see README)
+	cdc storage push
+
+pull: $(BIN)/cdc  ## download the DVC-tracked artifacts from S3 and check them out
+	cdc storage pull
 
 clean:  ## remove pipeline outputs and runs (keeps .venv and the raw data)
 	rm -rf data/prepared data/teacher data/stats data/score data/prune data/dca data/student data/evaluate data/export mlflow.db mlartifacts kfp_outputs

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "CDC_PARENT_RUN_ID"
 EXPERIMENT_ENV = "CDC_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cdc"
+# how the md5 tags were computed: runs logged before directories were hashed the DVC way lack the tag
+HASH_TAG, HASH_SCHEME = "cdc.hash", "dvc3-md5"
 CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: the newest export, the promoted one
 
 
@@ -30,16 +32,35 @@ def tracking_uri() -> str:
 
 
 def setup_mlflow() -> Any:
+    """MLflow on `tracking_uri()`, in the experiment `$CDC_EXPERIMENT` (default cdc), created on first
+    use with its artifacts on S3 when `CDC_S3_BUCKET` is set (components/storage.py), else next to a
+    SQLite store in ./mlartifacts (else the tracking server's default)."""
     import mlflow
 
+    from components.storage import S3Settings, client_env
+
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    s3 = S3Settings.from_env()
+    if s3 is not None:
+        for key, value in client_env(s3).items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
         artifact_location = None
-        if tracking_uri().startswith("sqlite:"):
+        if s3 is not None:
+            artifact_location = s3.url("mlflow")
+        elif tracking_uri().startswith("sqlite:"):
             artifact_location = (Path.cwd() / "mlartifacts").as_uri()
         mlflow.create_experiment(name, artifact_location=artifact_location)
+    elif s3 is not None and not experiment.artifact_location.startswith("s3://"):
+        log.warning(
+            "experiment %r keeps its artifacts at %s (fixed when it was created); for S3 artifacts use a "
+            "new experiment: CDC_EXPERIMENT=<name>",
+            name,
+            experiment.artifact_location,
+        )
     mlflow.set_experiment(name)
     return mlflow
 
@@ -151,7 +172,12 @@ def stage_run(
     """One MLflow run for a stage, nested under `parent_run_id` (default: `$CDC_PARENT_RUN_ID`)."""
     mlflow = setup_mlflow()
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
-    tags = {"cdc.stage": stage, "mlflow.source.git.commit": git_commit(), **(extra_tags or {})}
+    tags = {
+        "cdc.stage": stage,
+        "mlflow.source.git.commit": git_commit(),
+        HASH_TAG: HASH_SCHEME,
+        **(extra_tags or {}),
+    }
     tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
     tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
     with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:

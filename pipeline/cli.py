@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from components import cli as stage_cli
+from components.storage import add_storage_parser, run_storage
 from pipeline.compare import add_compare_parser, run_compare
 from pipeline.lineage import add_lineage_parser, add_promote_parser, run_lineage, run_promote
 
@@ -192,6 +193,7 @@ EXTENSIONS: dict[str, stage_cli.Extension] = {
     "compare": (add_compare_parser, run_compare),
     "lineage": (add_lineage_parser, run_lineage),
     "promote": (add_promote_parser, run_promote),
+    "storage": (add_storage_parser, run_storage),
 }
 
 

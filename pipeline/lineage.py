@@ -16,12 +16,14 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from components.stages import STAGES
+from components.tracking import HASH_SCHEME, HASH_TAG
 
 LOCK = "dvc.lock"
 PARAMS = "params.yaml"
@@ -179,6 +181,8 @@ def _run_info(run: Any) -> RunInfo:
         for name, path in paths.items()
         if f"cdc.output.{name}.md5" in tags and tags.get(f"cdc.output.{name}.path") == path
     }
+    if tags.get(HASH_TAG) != HASH_SCHEME:
+        recorded = {p: _from_legacy(p, h) for p, h in recorded.items()}
     return RunInfo(
         run_id=run.info.run_id,
         stage=tags["cdc.stage"],
@@ -188,6 +192,29 @@ def _run_info(run: Any) -> RunInfo:
         parent=tags.get("mlflow.parentRunId"),
         outputs=recorded,
     )
+
+
+@cache
+def _directory_hashes(path: str) -> tuple[str, str] | None:
+    """(the pre-dvc3 hash cdc tagged runs with, DVC's hash) of a directory in the workspace."""
+    import hashlib
+
+    from components.tracking import md5
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.md5()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(root).as_posix()}:{md5(f)}\n".encode())
+    return h.hexdigest(), md5(root)
+
+
+def _from_legacy(path: str, recorded: str) -> str:
+    """A directory hash from a run logged before runs carried DVC's hashes (no `cdc.hash` tag), as
+    DVC's hash when it matches the directory on disk; otherwise as recorded (and so a mismatch)."""
+    hashes = _directory_hashes(path)
+    return hashes[1] if hashes and hashes[0] == recorded else recorded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +425,9 @@ class Diff:
     stages_rerun: list[str]
     metrics: dict[str, tuple[float | None, float | None, float | None]]
     code: list[str] | None  # files touched between the commits; None when a commit is unknown
+    # stages that read the same inputs with the same params yet wrote different bytes: expected for
+    # timings (evaluate) and on CUDA without runtime.deterministic; on CPU anything else is a finding
+    same_inputs_other_outputs: list[str] = field(default_factory=list)
 
 
 def diff(a: Snapshot, b: Snapshot) -> Diff:
@@ -420,7 +450,15 @@ def diff(a: Snapshot, b: Snapshot) -> Diff:
         for k in sorted(set(ma) | set(mb))
         if ma.get(k) != mb.get(k)
     }
-    return Diff(a.label, b.label, params, artifacts, rerun, metrics, _files_touched(a, b))
+    unstable = [
+        name
+        for name in rerun
+        if name in a.lock
+        and name in b.lock
+        and deps(a.lock[name]) == deps(b.lock[name])
+        and stage_params(a.lock[name]) == stage_params(b.lock[name])
+    ]
+    return Diff(a.label, b.label, params, artifacts, rerun, metrics, _files_touched(a, b), unstable)
 
 
 def _all_params(lock: dict[str, Any]) -> dict[str, Any]:
@@ -461,6 +499,11 @@ def format_diff(d: Diff) -> str:
     lines.append(f"params changed ({len(d.params)})")
     lines += [f"  {k}: {_short(va)} -> {_short(vb)}" for k, (va, vb) in d.params.items()]
     lines.append(f"stages rerun ({len(d.stages_rerun)}): {', '.join(d.stages_rerun) or 'none'}")
+    if d.same_inputs_other_outputs:
+        lines.append(
+            "same inputs and params, other outputs (timings, or CUDA without runtime.deterministic): "
+            + ", ".join(d.same_inputs_other_outputs)
+        )
     lines.append(f"artifacts changed ({len(d.artifacts)})")
     lines += [f"  {p}: {ha or '-'} -> {hb or '-'}" for p, (ha, hb) in d.artifacts.items()]
     lines.append(f"metrics changed ({len(d.metrics)})")

@@ -75,6 +75,31 @@ def test_dvc_lock_producer_and_upstream_on_a_hand_written_lock():
     assert lineage.upstream(lock, "d") == ["a", "b", "c", "d"]
 
 
+def test_diff_separates_changed_inputs_from_outputs_that_moved_on_their_own():
+    def lock(ratio: float, student: str, report: str) -> dict:
+        return {
+            "prune": {
+                "params": {"params.yaml": {"prune": {"ratio": ratio}}},
+                "deps": [{"path": "t.pt", "md5": "t"}],
+                "outs": [{"path": "p.pt", "md5": f"p{ratio}"}],
+            },
+            "distill": {
+                "deps": [{"path": "p.pt", "md5": f"p{ratio}"}],
+                "outs": [{"path": "s.pt", "md5": student}],
+            },
+            "evaluate": {"deps": [{"path": "s.pt", "md5": "s"}], "outs": [{"path": "m.json", "md5": report}]},
+        }
+
+    a = lineage.Snapshot("a", "git revision", None, lock(0.5, "s", "m1"), {"m.json": {"acc": 0.9, "ms": 2}})
+    b = lineage.Snapshot("b", "git revision", None, lock(0.4, "s", "m2"), {"m.json": {"acc": 0.9, "ms": 3}})
+    d = lineage.diff(a, b)
+    assert d.params == {"prune.ratio": (0.5, 0.4)}
+    assert d.stages_rerun == ["prune", "distill", "evaluate"]
+    assert d.artifacts == {"p.pt": ("p0.5", "p0.4"), "m.json": ("m1", "m2")}
+    assert d.same_inputs_other_outputs == ["evaluate"]  # its input did not change, its bytes did
+    assert d.metrics == {"m.json:ms": (2, 3, 1)} and d.code is None
+
+
 def test_hashes_on_mlflow_runs_are_the_ones_dvc_lock_records_directories_included(audited):
     ws, env = audited
     recorded = lock_outs(ws)
@@ -214,6 +239,7 @@ def test_diff_of_two_runs_that_differ_in_one_distill_param(audited):
         before, after, delta = d["metrics"]["metrics/student.json:val_loss"]
         assert delta == pytest.approx(after - before)
         assert d["code"] == []  # same commit: no code changed
+        assert d["same_inputs_other_outputs"] == []  # every rerun stage had a changed input
     text = cdc(["lineage", "diff", "HEAD"], ws, env).stdout
     assert "distill.temperature: 4.0 -> 2.0" in text and "stages rerun (3): distill, evaluate, export" in text
     bad = cdc(["lineage", "diff", "no-such-run", "HEAD"], ws, env)
