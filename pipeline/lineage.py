@@ -150,6 +150,8 @@ class Runs:
 
     def logged_lock(self, run_id: str) -> dict[str, Any]:
         """The dvc.lock a pipeline run logged when its `dvc repro` ended ({} if none)."""
+        if not run_id:
+            return {}
         if run_id not in self._locks:
             self._locks[run_id] = lock_stages(self.artifact_text(run_id, LOCK))
         return self._locks[run_id]
