@@ -184,7 +184,7 @@ def _run_info(run: Any) -> RunInfo:
         if f"cdc.output.{name}.md5" in tags and tags.get(f"cdc.output.{name}.path") == path
     }
     if tags.get(HASH_TAG) != HASH_SCHEME:
-        recorded = {p: _from_legacy(p, h) for p, h in recorded.items()}
+        recorded = {p: mapped for p, h in recorded.items() if (mapped := _from_legacy(p, h)) is not None}
     return RunInfo(
         run_id=run.info.run_id,
         stage=tags["cdc.stage"],
@@ -212,11 +212,13 @@ def _directory_hashes(path: str) -> tuple[str, str] | None:
     return h.hexdigest(), md5(root)
 
 
-def _from_legacy(path: str, recorded: str) -> str:
-    """A directory hash from a run logged before runs carried DVC's hashes (no `cdc.hash` tag), as
-    DVC's hash when it matches the directory on disk; otherwise as recorded (and so a mismatch)."""
+def _from_legacy(path: str, recorded: str) -> str | None:
+    """A hash from a run logged before runs carried DVC's hashes (no `cdc.hash` tag): a file's as is;
+    a directory's as DVC's hash when it matches the directory on disk, else None (not comparable)."""
+    if not Path(path).is_dir():
+        return recorded
     hashes = _directory_hashes(path)
-    return hashes[1] if hashes and hashes[0] == recorded else recorded
+    return hashes[1] if hashes and hashes[0] == recorded else None
 
 
 # ----------------------------------------------------------------------------------------------
