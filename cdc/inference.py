@@ -47,7 +47,8 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> N
     TorchServe deployments. PyTorch deprecates TorchScript for torch.export; those runtimes still load it."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`torch.jit", FutureWarning)
-        torch.jit.trace(copy.deepcopy(model).eval(), example).save(str(path))
+        # to a buffer: saved to a file, the archive's records are named after the file
+        path.write_bytes(torch.jit.trace(copy.deepcopy(model).eval(), example).save_to_buffer())
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -58,8 +59,17 @@ def save_model(path: str | Path, model: PrunableNet, arch: str, num_classes: int
         "widths": model.widths(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # loads anywhere
     }
+    save_torch(path, record)
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """`torch.save` whose bytes depend on `obj` only: saved to a file, PyTorch names the archive's
+    records after the file, so the same weights under two names would hash differently (lineage
+    compares hashes across directories and runners)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_model(path: str | Path) -> tuple[PrunableNet, dict[str, Any]]:

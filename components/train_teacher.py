@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from cdc.data import load_prepared
-from cdc.io import atomic_path, save_model, write_json
+from cdc.io import save_model, save_torch, write_json
 from cdc.models import build_model
 from cdc.params import Params
 from cdc.train import evaluate, sgd, train_one_epoch, warmup_cosine
@@ -75,10 +75,8 @@ def run(
             "history": history,
             "epoch": epoch + 1,
         }
-        with atomic_path(ckpt_dir / f"epoch_{epoch + 1:03d}.pt") as tmp:
-            torch.save(state, tmp)
-        with atomic_path(last) as tmp:
-            torch.save(state, tmp)
+        save_torch(ckpt_dir / f"epoch_{epoch + 1:03d}.pt", state)
+        save_torch(last, state)
 
     save_model(outputs["model"], model, p.arch, data.num_classes, data.input_shape[0])
     write_history(outputs["history"], history)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -64,7 +65,8 @@ def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
 
 
 @pytest.fixture(scope="session")
-def first_lock(workspace: tuple[Path, dict[str, str]], first_repro: str) -> dict:
-    """dvc.lock of the first `cdc repro`, as it was when that run ended."""
+def first_records(workspace: tuple[Path, dict[str, str]], first_repro: str) -> tuple[dict, dict]:
+    """(dvc.lock, metrics/evaluate.json) of the first `cdc repro`, as they were when it ended."""
     ws, _ = workspace
-    return yaml.safe_load((ws.parent / "first_repro.dvc.lock").read_text())
+    kept = [(ws.parent / f"first_repro.{name}").read_text() for name in ("dvc.lock", "evaluate.json")]
+    return yaml.safe_load(kept[0]), json.loads(kept[1])
