@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cdc.device import to_device
+from cdc.errors import InputError, reading
 
 
 @dataclass
@@ -35,11 +36,13 @@ class RawDataset:
 
 DatasetLoader = Callable[[Path], RawDataset]
 DATASETS: dict[str, DatasetLoader] = {}
+CLASS_COUNTS: dict[str, int] = {}  # known before any data is read: params are checked against them
 
 
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+def register_dataset(name: str, num_classes: int) -> Callable[[DatasetLoader], DatasetLoader]:
     def add(loader: DatasetLoader) -> DatasetLoader:
         DATASETS[name] = loader
+        CLASS_COUNTS[name] = num_classes
         return loader
 
     return add
@@ -61,7 +64,7 @@ def _missing(name: str, where: Path, how: str) -> FileNotFoundError:
     return FileNotFoundError(f"{name} not found under {where}. {how}")
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", 10)
 def fashion_mnist(root: Path) -> RawDataset:
     from torchvision.datasets import FashionMNIST
 
@@ -92,8 +95,8 @@ def _cifar(cls_name: str, folder: str) -> DatasetLoader:
     return load
 
 
-register_dataset("cifar10")(_cifar("CIFAR10", "cifar-10-batches-py"))
-register_dataset("cifar100")(_cifar("CIFAR100", "cifar-100-python"))
+register_dataset("cifar10", 10)(_cifar("CIFAR10", "cifar-10-batches-py"))
+register_dataset("cifar100", 100)(_cifar("CIFAR100", "cifar-100-python"))
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +124,29 @@ def save_split(path: Path, split: Split) -> None:
 
 
 def load_split(path: Path) -> Split:
-    with np.load(path, allow_pickle=False) as z:
-        return Split(z["images"], z["labels"].astype(np.int64))
+    with reading(path, "prepared split (.npz of images and labels)"), np.load(path, allow_pickle=False) as z:
+        split = Split(z["images"], z["labels"].astype(np.int64))
+    if split.images.ndim != 4 or split.images.dtype != np.uint8 or len(split.images) != len(split.labels):
+        raise InputError(
+            f"{path}: expected uint8 images N x C x H x W and N labels, got {split.images.dtype} "
+            f"{split.images.shape} and {split.labels.shape}",
+            path,
+        )
+    return split
+
+
+def check_classes(split: Split, classes: list[str], where: str, every_class: bool) -> None:
+    """Refuse labels outside the class list, a single class, and (training split) a class with no image:
+    every later stage needs two classes or more and statistics for each."""
+    k = len(classes)
+    if len(classes) < 2:
+        raise InputError(f"{where}: a single class {classes}; classification needs two or more")
+    if len(split) and (split.labels.min() < 0 or split.labels.max() >= k):
+        raise InputError(f"{where}: labels outside 0..{k - 1} (the {k} classes of meta.json)")
+    missing = sorted(set(range(k)) - set(np.unique(split.labels).tolist()))
+    if every_class and missing:
+        names = ", ".join(repr(classes[c]) for c in missing)
+        raise InputError(f"{where}: no image of class {names}; every class needs training images")
 
 
 class Batches:
@@ -215,14 +239,36 @@ class Prepared:
         )
 
 
+META_KEYS = ("classes", "input_shape", "mean", "std")
+
+
 def load_prepared(root: Path) -> Prepared:
+    """The prepared dataset at `root`, checked: metadata, the three splits, their shapes and classes."""
     import json
 
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: no prepared dataset there; run `cdc prepare` first", root)
     meta_path = root / "meta.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"no prepared dataset at {root} (missing meta.json); run `cdc prepare` first")
-    meta = json.loads(meta_path.read_text())
-    return Prepared(*(load_split(root / f"{s}.npz") for s in ("train", "val", "test")), meta)
+    with reading(meta_path, "prepared dataset metadata"):
+        meta = json.loads(meta_path.read_text())
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise InputError(f"{meta_path}: keys {missing} missing; rerun `cdc prepare`", meta_path)
+    splits = {}
+    for name in ("train", "val", "test"):
+        path = root / f"{name}.npz"
+        if not path.exists():
+            raise InputError(f"{root}: split {name} missing ({path.name}); rerun `cdc prepare`", path)
+        splits[name] = load_split(path)
+        if list(splits[name].images.shape[1:]) != list(meta["input_shape"]):
+            raise InputError(
+                f"{path}: images of shape {list(splits[name].images.shape[1:])}, meta.json says "
+                f"{meta['input_shape']}; rerun `cdc prepare`",
+                path,
+            )
+        check_classes(splits[name], meta["classes"], str(path), every_class=name == "train")
+    return Prepared(splits["train"], splits["val"], splits["test"], meta)
 
 
 def channel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:

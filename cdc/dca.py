@@ -96,6 +96,11 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     n_components = min(n_components, d)
     top_w = scipy.linalg.eigh(s_w, eigvals_only=True, subset_by_index=[d - 1, d - 1], driver="evr")
     rho = 0.02 * float(top_w[0])
+    if not np.isfinite(s_b).all() or not np.isfinite(s_w).all() or rho <= 0:
+        raise ValueError(
+            "DCA: the within-class scatter is zero or not finite (every feature constant, or a dead layer); "
+            "choose another fit_dca.layer"
+        )
     rho_prime = 0.1 * rho
     a = s_b + s_w + (rho + rho_prime) * np.eye(d)
     b = s_w + rho * np.eye(d)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from cdc.models import PrunableNet, build_model
+from cdc.errors import InputError, reading
+from cdc.models import MODELS, PrunableNet, build_model
 
 
 @contextmanager
@@ -25,17 +26,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    _remove(tmp)
+    remove(tmp)
     try:
         yield tmp
         if path.is_dir():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        _remove(tmp)
+        remove(tmp)
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree if it exists."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():
@@ -47,8 +49,9 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    with reading(path, what):
+        return json.loads(Path(path).read_text())
 
 
 def save_model(path: str | Path, model: PrunableNet, arch: str, num_classes: int, in_channels: int) -> None:
@@ -72,9 +75,33 @@ def save_torch(path: str | Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def load_model(path: str | Path) -> tuple[PrunableNet, dict[str, Any]]:
+def load_torch(path: str | Path, what: str) -> Any:
+    """`torch.load` with `weights_only=True` (a file cannot run code), on the CPU; a missing, empty,
+    truncated or foreign file is an InputError naming it."""
+    with reading(path, what):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+MODEL_KEYS = ("arch", "num_classes", "in_channels", "widths", "state_dict")
+
+
+def load_model(path: str | Path, what: str = "model file") -> tuple[PrunableNet, dict[str, Any]]:
     """Rebuild a (possibly pruned) model from the registry; returns it with its record (eval mode)."""
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(record["arch"], record["num_classes"], record["in_channels"], record["widths"])
-    model.load_state_dict(record["state_dict"])
+    record = load_torch(path, what)
+    if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise InputError(f"{path}: not a cdc {what} (expected keys {list(MODEL_KEYS)}, found {found})", path)
+    if record["arch"] not in MODELS:
+        raise InputError(f"{path}: {what} of unknown architecture {record['arch']!r}", path)
+    with reading(path, what):  # widths or weights that do not fit the architecture
+        model = build_model(record["arch"], record["num_classes"], record["in_channels"], record["widths"])
+        model.load_state_dict(record["state_dict"])
     return model.eval(), record
+
+
+def expect_model(path: str | Path, record: dict[str, Any], fix: str, **expected: Any) -> None:
+    """Refuse a model file whose record differs from what the stage expects (another dataset's class
+    count, another architecture): `fix` says what to do."""
+    for key, want in expected.items():
+        if record[key] != want:
+            raise InputError(f"{path}: model has {key} {record[key]!r}, expected {want!r}; {fix}", path)

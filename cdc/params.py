@@ -8,14 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdc.criteria import CRITERIA
-from cdc.data import DATASETS
+from cdc.data import CLASS_COUNTS, DATASETS
 from cdc.device import DEVICE_PATTERN
+from cdc.errors import InputError
 from cdc.inference import INFERENCE_FORMS
-from cdc.models import MODELS
+from cdc.models import MODELS, PrunableNet, build_model
 from cdc.pruning import BUDGETS
 
 
@@ -189,16 +191,75 @@ class Params(Section):
             raise ValueError("score.criterion di reads the pooled-grid statistics: set dump_stats.grid")
         return self
 
+    @model_validator(mode="after")
+    def _no_ignored_settings(self) -> Params:
+        """A setting the chosen option never reads is a mistake the user would not notice."""
+        s, pr = self.score, self.prune
+        if pr.ratios is not None and pr.budget != "per_layer":
+            raise ValueError(f"prune.ratios is read by budget per_layer only, not {pr.budget}; set it null")
+        if pr.budget == "per_layer" and pr.ratios is None:
+            raise ValueError("prune.budget per_layer needs prune.ratios, a removal fraction per layer")
+        for key in ("coarse_map", "coarse_blocks"):
+            if not s.hierarchy and getattr(s, key) is not None:
+                raise ValueError(f"score.{key} is read with score.hierarchy true only: set it null")
+        return self
 
-class ParamsError(ValueError):
+    @model_validator(mode="after")
+    def _fits_model_and_dataset(self) -> Params:
+        """Rules that need the model's layers or the dataset's classes, checked now rather than when the
+        stage that reads them runs, hours later."""
+        model = model_layout(self.train_teacher.arch)
+        layers = model.prunable_layers()
+        if self.fit_dca.layer not in model.feature_layers():
+            raise ValueError(
+                f"fit_dca.layer {self.fit_dca.layer!r} is not a feature layer of {self.train_teacher.arch}; "
+                f"choose from {model.feature_layers()}"
+            )
+        if self.prune.ratios is not None and len(self.prune.ratios) != len(layers):
+            raise ValueError(
+                f"prune.ratios has {len(self.prune.ratios)} entries, {self.train_teacher.arch} has "
+                f"{len(layers)} prunable layers"
+            )
+        t = self.score.coarse_blocks
+        if t is not None and t > len(layers):
+            arch = self.train_teacher.arch
+            raise ValueError(f"score.coarse_blocks {t} > {len(layers)}, the blocks of {arch}")
+        k = CLASS_COUNTS[self.data.dataset]
+        cmap = self.score.coarse_map
+        if cmap is not None and (len(cmap) != k or min(cmap) < 0):
+            raise ValueError(
+                f"score.coarse_map needs a group id >= 0 for each of the {k} classes of {self.data.dataset}, "
+                f"got {len(cmap)} entries"
+            )
+        if self.score.hierarchy and cmap is None and self.score.n_coarse > k:
+            raise ValueError(f"score.n_coarse {self.score.n_coarse} > the {k} classes of {self.data.dataset}")
+        return self
+
+
+def model_layout(arch: str) -> PrunableNet:
+    """`arch` built on the meta device (no memory, no compute): its layer names and widths."""
+    with torch.device("meta"):
+        return build_model(arch, num_classes=10, in_channels=3)
+
+
+class ParamsError(InputError):
     """A params file that does not match the schema; the message lists every bad key."""
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
-        raise ParamsError(f"params file {path} not found")
-    return validate_params(yaml.safe_load(path.read_text()) or {}, str(path))
+        raise ParamsError(f"params file {path} not found", path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ParamsError(f"{path}: YAML syntax error{line}: {problem}", path) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got a {type(raw).__name__}", path)
+    return validate_params(raw or {}, str(path))
 
 
 def validate_params(raw: dict, source: str) -> Params:

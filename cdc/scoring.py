@@ -41,6 +41,12 @@ def score_layers(
     for i, (name, st) in enumerate(stats.items()):
         coarse = i + 1 <= coarse_blocks
         labelled = st.grouped(fine_to_coarse, n_groups) if coarse else st
+        if (labelled.n > 0).sum() < 2:
+            raise ValueError(f"layer {name}: images of fewer than two classes (a discriminant needs two)")
         rng = np.random.default_rng([seed, i])
-        out.append(LayerScores(name, "coarse" if coarse else "fine", fn(labelled, rng)))
+        scores = np.asarray(fn(labelled, rng), np.float64)
+        if not np.isfinite(scores).all():
+            bad = np.flatnonzero(~np.isfinite(scores)).tolist()
+            raise ValueError(f"layer {name}: {discriminant} gave non-finite scores for channels {bad[:10]}")
+        out.append(LayerScores(name, "coarse" if coarse else "fine", scores))
     return out

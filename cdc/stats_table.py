@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cdc.errors import InputError, reading
 from cdc.stats import GridStats, LayerStats
 
 SCHEMA = pa.schema(
@@ -83,7 +84,41 @@ def write_stats(path: Path, stats: dict[str, LayerStats]) -> None:
 
 
 def read_stats(path: Path) -> dict[str, LayerStats]:
-    return table_to_stats(pq.read_table(path, schema=SCHEMA))
+    return table_to_stats(read_checked(path, SCHEMA, "activation statistics table"))
+
+
+def read_checked(path: str | Path, schema: pa.Schema, what: str, allow_empty: bool = False) -> pa.Table:
+    """The Parquet file at `path` read with `schema`, refusing a file of another kind (a column
+    missing or of another type) or with no rows, rather than reading its absent columns as nulls."""
+    with reading(path, what):
+        found = pq.read_schema(path)
+        wrong = [
+            f"{f.name} ({f.type})"
+            for f in schema
+            if f.name not in found.names or not found.field(f.name).type.equals(f.type)
+        ]
+        if wrong:
+            raise InputError(
+                f"{path}: not a {what}: columns {', '.join(wrong)} missing or of another type "
+                f"(found {', '.join(found.names)})",
+                path,
+            )
+        table = pq.read_table(path, schema=schema)
+    if table.num_rows == 0 and not allow_empty:
+        raise InputError(f"{path}: {what} has no rows", path)
+    return table
+
+
+# one row per layer x channel: the channel's score, and whether coarse or fine labels scored it
+SCORES_SCHEMA = pa.schema(
+    [
+        ("layer", pa.string()),
+        ("layer_index", pa.int64()),
+        ("channel", pa.int64()),
+        ("score", pa.float64()),
+        ("label_level", pa.string()),
+    ]
+)
 
 
 GRID_SCHEMA = pa.schema(
@@ -117,7 +152,9 @@ def write_grid_stats(path: Path, stats: dict[str, GridStats]) -> None:
 
 def read_grid_stats(path: Path) -> dict[str, GridStats]:
     """Inverse of `write_grid_stats`, layers in forward order."""
-    df = pq.read_table(path, schema=GRID_SCHEMA).to_pandas().sort_values(["layer_index", "channel", "class"])
+    # empty when dump_stats.grid is null
+    table = read_checked(path, GRID_SCHEMA, "pooled-grid statistics table", allow_empty=True)
+    df = table.to_pandas().sort_values(["layer_index", "channel", "class"])
     stats: dict[str, GridStats] = {}
     for _, g in df.groupby("layer_index", sort=True):
         totals, per_class = g[g["class"] < 0], g[g["class"] >= 0]

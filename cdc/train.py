@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cdc.device import CPU, Runtime
+from cdc.errors import InputError
 
 BatchIterable = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,6 +52,30 @@ class EpochResult:
 StepLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class TrainingDiverged(InputError):
+    """A non-finite loss: the step's update is not applied, so the last checkpoint stays good."""
+
+
+class EpochTotals:
+    """The running sums of a training epoch and the steps taken: what a checkpoint taken mid-epoch
+    keeps so that the resumed epoch reports what an uninterrupted one would. The sums stay on the
+    device as tensors (no host sync per step) until `state()` is asked for."""
+
+    def __init__(self, device: torch.device, state: dict[str, float] | None = None) -> None:
+        state = state or {}
+        self.steps = int(state.get("steps", 0))
+        self.seen = int(state.get("seen", 0))
+        self.loss = torch.tensor(state.get("loss", 0.0), dtype=torch.float64, device=device)
+        self.correct = torch.tensor(int(state.get("correct", 0)), dtype=torch.int64, device=device)
+
+    def state(self) -> dict[str, float]:
+        loss, correct = self.loss.item(), int(self.correct)
+        return {"steps": self.steps, "seen": self.seen, "loss": loss, "correct": correct}
+
+    def result(self) -> EpochResult:
+        return EpochResult(self.loss.item() / max(self.seen, 1), int(self.correct) / max(self.seen, 1))
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: BatchIterable,
@@ -58,17 +83,24 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     step_loss: StepLoss | None = None,
     runtime: Runtime = CPU,
+    totals: EpochTotals | None = None,
+    after_step: Callable[[EpochTotals], None] | None = None,
 ) -> EpochResult:
     """One epoch; `step_loss(x, y) -> (loss, logits)` replaces plain cross-entropy (distillation).
 
     The forward pass and loss run under the runtime's autocast (mixed precision on CUDA only).
+    Resuming an epoch: `totals` from a checkpoint taken after `totals.steps` steps; those batches are
+    drawn again (the same shuffling and augmentation draws) and skipped. `after_step(totals)` runs
+    after every update (checkpoint on preemption). A non-finite loss raises TrainingDiverged before
+    its update.
     """
     model.train()
     scaler = runtime.grad_scaler()
-    total_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    seen = 0
-    for x, y in batches:
+    totals = totals or EpochTotals(runtime.device)
+    done = totals.steps
+    for step, (x, y) in enumerate(batches):
+        if step < done:
+            continue
         with runtime.autocast():
             if step_loss is None:
                 logits = model(x)
@@ -76,16 +108,19 @@ def train_one_epoch(
             else:
                 loss, logits = step_loss(x, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()}; lower the learning rate")
+            raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.detach().double() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-    return EpochResult(total_loss.item() / max(seen, 1), int(correct) / max(seen, 1))
+        totals.loss += loss.detach().double() * len(y)
+        totals.correct += (logits.argmax(1) == y).sum()
+        totals.seen += len(y)
+        totals.steps = step + 1
+        if after_step is not None:
+            after_step(totals)
+    return totals.result()
 
 
 @torch.no_grad()

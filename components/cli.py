@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cdc.errors import PREEMPTED_STATUS, Preempted
 from components.stages import STAGE_BY_NAME, STAGES, Stage, option
 
 log = logging.getLogger("cdc")
@@ -74,8 +75,10 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> None:
 
 
 def repro(dvc_args: list[str]) -> int:
+    from cdc.params import load_params
     from components.tracking import PARENT_ENV, git_commit, setup_mlflow, tracking_uri
 
+    load_params("params.yaml")  # a bad params file fails here, before a pipeline run is opened
     mlflow = setup_mlflow()
     args = [a for a in dvc_args if a != "--"]
     # The stages' `cdc ...` commands and dvc itself come from this interpreter's environment,
@@ -201,9 +204,12 @@ def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None 
             return 0
         run_stage(args.stage, args)
         return 0
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        log.error("%s", err)
+    except (FileNotFoundError, ValueError, KeyError) as err:  # InputError and ParamsError among them
+        log.error("%s", err, exc_info=args.verbose)  # one line; the traceback with -v
         return 2
+    except Preempted as stopped:
+        log.warning("%s; a checkpoint was saved: rerun to resume", stopped)
+        return PREEMPTED_STATUS
 
 
 GENERATED_HEADER = (

@@ -2,11 +2,12 @@
 
 loss = CE(y, s) + kd_weight * T^2 KL(t/T || s/T) + dca_weight * mean((f_S W_S - f_T W_T)^2), with the
 teacher frozen in eval mode, W fixed within an epoch, and the student basis refitted every
-`refit_every` epochs (sign-aligned to the teacher's).
+`refit_every` epochs (sign-aligned to the teacher's). Checkpoints and resume as train_teacher's.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +16,47 @@ from torch import nn
 
 from cdc.data import Batches, Prepared, Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
-from cdc.io import load_model, save_model, write_json
+from cdc.errors import Preempted
+from cdc.io import save_model, write_json
 from cdc.models import PrunableNet
 from cdc.params import Params
-from cdc.train import evaluate, kd_loss, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
+from cdc.train import (
+    EpochTotals,
+    TrainingDiverged,
+    evaluate,
+    kd_loss,
+    recalibrate_bn,
+    sgd,
+    train_one_epoch,
+    warmup_cosine,
+)
+from components import inputs as checked
+from components.checkpoint import Checkpoints, failpoint, fingerprint, stop_on_sigterm
 from components.history import record_epoch, write_history
 from components.progress import progress
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
+log = logging.getLogger(__name__)
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+
+def run(
+    params: Params,
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    tracker: StageTracker,
+    restart: bool = False,
+) -> None:
     p = params.distill
     runtime = stage_runtime(params, tracker)
     device = runtime.device
     data = load_prepared(inputs["prepared"])
-    teacher = load_model(inputs["teacher"])[0].to(device)
-    student, record = load_model(inputs["pruned"])
-    student.to(device)
+    teacher, record = checked.teacher(inputs["teacher"], data)
+    teacher.to(device)
+    student = checked.pruned(inputs["pruned"], record).to(device)
     for q in teacher.parameters():
         q.requires_grad_(False)
-    with np.load(inputs["dca"], allow_pickle=False) as z:
-        dca = {k: z[k] for k in z.files}
+    dca = checked.dca_bases(inputs["dca"], teacher)
     layer, pool = str(dca["layer"]), int(dca["pool"]) or None
     label_map = dca["label_map"]
     w_t = torch.from_numpy(dca["w_teacher"]).float().to(device)
@@ -45,7 +65,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     fit_split = Split(data.train.images[fit_idx], data.train.labels[fit_idx])
 
     torch.manual_seed(params.seed)
-    if p.bn_recalibration_batches:  # removed channels shift the next layers' inputs: fresh BN stats first
+    checkpoints = Checkpoints(outputs["checkpoints"], fingerprint("distill", params, inputs), restart)
+    state = checkpoints.resume()
+    if state is None and p.bn_recalibration_batches:  # removed channels shift the next layers' inputs
         recal = data.batches("train", p.batch_size, shuffle=True, seed=params.seed + 1, device=device)
         recalibrate_bn(student, recal, p.bn_recalibration_batches)
     train = data.training_batches(p.batch_size, params.seed, device, p.augment, p.hflip)
@@ -53,8 +75,41 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     optimizer = sgd(student, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), 0)
     parts: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
+    history: list[dict[str, float]] = []
+    start, partial = 0, None
+    if state is not None:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        train.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        w_s = state["w_student"].to(device)
+        history, start, partial = state["history"], state["epoch"], state["epoch_totals"]
+        parts.update(
+            {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state["parts"].items()}
+        )
+        at = f" step {partial['steps']}" if partial else ""
+        log.info("resumed from %s after epoch %d%s", checkpoints.last, start, at)
 
-    with feature_tap(teacher, layer) as t_tap, feature_tap(student, layer) as s_tap:
+    def snapshot(epoch: int, generator: torch.Tensor, totals: EpochTotals | None) -> dict:
+        return {
+            "model": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "generator": generator,  # mid-epoch: the state the epoch started from, to redraw its batches
+            "torch_rng": torch.get_rng_state(),
+            "w_student": w_s.cpu(),
+            "parts": {k: v.item() for k, v in parts.items()} if totals else {},
+            "history": history,
+            "epoch": epoch,
+            "epoch_totals": totals.state() if totals else None,
+        }
+
+    with (
+        feature_tap(teacher, layer) as t_tap,
+        feature_tap(student, layer) as s_tap,
+        stop_on_sigterm() as stop,
+    ):
 
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
@@ -69,17 +124,41 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
                 parts[name] = parts.get(name, 0.0) + value.detach().double() * len(y)
             return ce + p.kd_weight * kd + p.dca_weight * feat, s_logits
 
-        history = []
-        for epoch in range(p.epochs):
-            if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
-                w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca).to(device)
-            parts.clear()
+        for epoch in range(start, p.epochs):
+            if partial is None:  # a resumed epoch keeps the basis it started with
+                if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
+                    w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca).to(
+                        device
+                    )
+                parts.clear()
+            epoch_start = train.generator.get_state()
+
+            def after_step(
+                totals: EpochTotals, epoch: int = epoch, epoch_start: torch.Tensor = epoch_start
+            ) -> None:
+                failpoint("distill.step", epoch * len(train) + totals.steps)
+                if stop.requested:
+                    checkpoints.save(snapshot(epoch, epoch_start, totals))
+                    raise Preempted(f"distill stopped in epoch {epoch + 1} after step {totals.steps}")
+
             bar = progress(train, f"distill epoch {epoch + 1}/{p.epochs}")
-            tr = train_one_epoch(student, bar, optimizer, scheduler, step_loss, runtime)
+            totals = EpochTotals(runtime.device, partial)
+            partial = None
+            try:
+                tr = train_one_epoch(
+                    student, bar, optimizer, scheduler, step_loss, runtime, totals, after_step
+                )
+            except TrainingDiverged as err:
+                raise TrainingDiverged(
+                    f"distill epoch {epoch + 1}: {err}; the last good checkpoint is {checkpoints.last} "
+                    f"(epoch {epoch}); lower distill.lr (now {p.lr}) and rerun"
+                ) from None
             va = evaluate(student, val)
             n = len(data.train)
             losses = {f"{k}_loss": v.item() / n for k, v in parts.items()}
             record_epoch(history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
+            checkpoints.save(snapshot(epoch + 1, train.generator.get_state(), None), epoch + 1)
+            failpoint("distill.epoch", epoch + 1)
 
     if not history:  # epochs 0: the pruned model with fresh BN statistics, no fine-tune
         va = evaluate(student, val)
@@ -87,6 +166,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     save_model(outputs["model"], student, record["arch"], record["num_classes"], record["in_channels"])
     write_history(outputs["history"], history)
     write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
+    checkpoints.finish()
 
 
 def refit_student_basis(

@@ -11,10 +11,11 @@ import logging
 from pathlib import Path
 
 from cdc.data import load_prepared
-from cdc.io import atomic_path, load_model, write_json
+from cdc.io import atomic_path, write_json
 from cdc.params import Params
 from cdc.stats import collect_all_stats, confusion_matrix
 from cdc.stats_table import write_grid_stats, write_stats
+from components import inputs as checked
 from components.progress import progress
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"])
-    teacher = load_model(inputs["teacher"])[0].to(runtime.device)
+    teacher = checked.teacher(inputs["teacher"], data)[0].to(runtime.device)
     batch_size = params.dump_stats.batch_size
     batches = data.batches("train", batch_size, device=runtime.device)
     p = params.dump_stats

@@ -22,10 +22,11 @@ from matplotlib.figure import Figure
 from cdc.data import Prepared, load_prepared
 from cdc.flops import count_macs, count_params
 from cdc.inference import inference_forward
-from cdc.io import atomic_path, load_model, read_json, write_json
+from cdc.io import atomic_path, read_json, write_json
 from cdc.latency import compare_latency, threads
 from cdc.params import Params
 from cdc.train import evaluate, recalibrate_bn
+from components import inputs as checked
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
@@ -40,7 +41,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     torch.manual_seed(params.seed)
     data = load_prepared(inputs["prepared"])
     shape = data.input_shape
-    models = {name: load_model(inputs[name])[0].to(device) for name in MODELS}
+    teacher, record = checked.teacher(inputs["teacher"], data)
+    models = {"teacher": teacher}
+    for name in ("pruned", "student"):
+        models[name] = checked.pruned(inputs[name], record, f"{name} model")
+    models = {name: models[name].to(device) for name in MODELS}
     recalibrate_pruned(models["pruned"], data, params, device)
 
     if p.latency_form == "onnxruntime" and device.type != "cpu":

@@ -27,7 +27,7 @@ from cdc.inference import (
     load_torchscript,
     onnx_session,
 )
-from cdc.io import atomic_path, load_model, write_json
+from cdc.io import atomic_path, expect_model, load_model, write_json
 from cdc.params import Params
 from components.tracking import StageTracker, md5
 
@@ -41,7 +41,14 @@ for _chatty in ("onnxscript", "onnx_ir"):  # the ONNX exporter logs every optimi
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.export
     data = load_prepared(inputs["prepared"])
-    student = load_model(inputs["student"])[0].eval()
+    student, record = load_model(inputs["student"], "student model")
+    expect_model(
+        inputs["student"],
+        record,
+        "it was trained on another dataset: rerun the pipeline",
+        num_classes=data.num_classes,
+        in_channels=data.input_shape[0],
+    )
     deployable = Deployable(fold_batchnorm(student), data.meta["mean"], data.meta["std"]).eval()
     images = torch.from_numpy(data.test.images[: p.check_images]).float() / 255.0
     with torch.no_grad():

@@ -14,9 +14,10 @@ import numpy as np
 
 from cdc.data import Split, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, fit_dca
-from cdc.io import atomic_path, load_model, read_json
+from cdc.io import atomic_path
 from cdc.models import PrunableNet
 from cdc.params import Params
+from components import inputs as checked
 from components.progress import progress
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
@@ -27,19 +28,16 @@ log = logging.getLogger(__name__)
 def label_map_for(level: str, groups_path: Path, num_classes: int) -> np.ndarray:
     if level == "fine":
         return np.arange(num_classes)
-    return np.asarray(read_json(groups_path)["fine_to_coarse"], np.int64)
+    return checked.fine_to_coarse(groups_path, num_classes)
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.fit_dca
     runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"])
-    teacher = load_model(inputs["teacher"])[0].to(runtime.device)
-    student = load_model(inputs["pruned"])[0].to(runtime.device)
-    if p.layer not in teacher.feature_layers():
-        raise ValueError(
-            f"fit_dca.layer={p.layer!r} is not a feature layer; choose from {teacher.feature_layers()}"
-        )
+    teacher, record = checked.teacher(inputs["teacher"], data)
+    student = checked.pruned(inputs["pruned"], record).to(runtime.device)
+    teacher.to(runtime.device)
     keep = stratified_subset(data.train.labels, p.max_images, params.seed)
     data.train = Split(data.train.images[keep], data.train.labels[keep])
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cdc.data import Split, channel_mean_std, load_raw, save_split, stratified_split, stratified_subset
+from cdc.data import (
+    Split,
+    channel_mean_std,
+    check_classes,
+    load_raw,
+    save_split,
+    stratified_split,
+    stratified_subset,
+)
 from cdc.io import atomic_path, write_json
 from cdc.params import Params
 from components.tracking import StageTracker
@@ -27,6 +35,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "val": Split(full.images[val_idx], full.labels[val_idx]),
         "test": Split(raw.test.images[test_idx], raw.test.labels[test_idx]),
     }
+    for name, split in splits.items():
+        check_classes(split, raw.classes, f"data.dataset {p.dataset} ({name} split)", name == "train")
     mean, std = channel_mean_std(splits["train"].images)
     meta = {
         "dataset": p.dataset,

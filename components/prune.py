@@ -10,14 +10,16 @@ import logging
 from functools import cache
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import numpy as np
 
 from cdc.data import Batches, Split, load_prepared, stratified_subset
+from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, read_json, save_model, write_json
 from cdc.models import PrunableNet, build_model
 from cdc.params import Params
 from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
+from cdc.stats_table import SCORES_SCHEMA, read_checked
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -25,17 +27,23 @@ FLOPS_BUDGETS = ("flops_target", "global")  # the budgets that aim at prune.flop
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
-    model, record = load_model(inputs["teacher"])
-    input_shape = tuple(read_json(inputs["prepared"] / "meta.json")["input_shape"])
-    scores = pq.read_table(inputs["scores"]).to_pandas()
-    layers = model.prunable_layers()
-    names = [layer.name for layer in layers]
-    if sorted(scores["layer"].unique()) != sorted(names):
-        raise ValueError(
-            f"{inputs['scores']} scores layers {sorted(scores['layer'].unique())}, model has {names}"
-        )
+    model, record = load_model(inputs["teacher"], "teacher model")
+    input_shape = tuple(
+        read_json(inputs["prepared"] / "meta.json", "prepared dataset metadata")["input_shape"]
+    )
+    scores = read_checked(inputs["scores"], SCORES_SCHEMA, "channel scores table").to_pandas()
+    names = [layer.name for layer in model.prunable_layers()]
     widths_before = model.widths()
     layer_scores = [scores[scores["layer"] == n].sort_values("channel")["score"].to_numpy() for n in names]
+    counts = [len(s) for s in layer_scores]
+    if sorted(scores["layer"].unique()) != sorted(names) or counts != widths_before:
+        raise InputError(
+            f"{inputs['scores']}: scores another model (layers {sorted(scores['layer'].unique())}) than "
+            f"{inputs['teacher']} (layers {names}, widths {widths_before}); rerun score on this teacher",
+            inputs["scores"],
+        )
+    if not all(np.isfinite(s).all() for s in layer_scores):
+        raise InputError(f"{inputs['scores']}: holds non-finite scores; rerun score", inputs["scores"])
     probe = budget_probe(params, inputs["prepared"], model, record, layer_scores, input_shape)
     keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump(), probe)
     removals = {name: channels_to_remove(s, k) for name, s, k in zip(names, layer_scores, keep, strict=True)}

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cdc.errors import InputError
+from cdc.io import remove
 from cdc.params import Params
-from components.stages import Stage
+from components.stages import STAGES, Stage
 from components.tracking import stage_run
 
 
@@ -22,18 +27,59 @@ def execute(
     tags: dict[str, str] | None = None,
     **flags: Any,
 ) -> None:
-    """Check the inputs exist, then run `stage` with its params sections logged to MLflow.
+    """Check the inputs exist, then run `stage` with its params sections logged to MLflow; its
+    outputs change only if it succeeds (`staged`).
 
     The stage body's wall time is logged as `timing.stage_s`: what the process spends besides it
     (start, imports, MLflow, hashing) is the pipeline's overhead (bench/pipeline_overhead.py).
     """
     for name, path in inputs.items():
         if not Path(path).exists():
-            raise FileNotFoundError(f"input {name} of stage {stage.name} not found: {path}")
+            raise InputError(
+                f"{path}: input {name} of stage {stage.name} not found{_made_by(name, stage)}", path
+            )
     section = {k: getattr(params, k) for k in stage.params}
     logged = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in section.items()}
     module = importlib.import_module(stage.module)
     with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags) as tracker:
         start = time.perf_counter()
-        module.run(params, inputs, outputs, tracker, **flags)
+        with staged(outputs, keep=stage.persist) as staging:
+            module.run(params, inputs, staging, tracker, **flags)
         tracker.log_metrics({"timing.stage_s": time.perf_counter() - start})
+
+
+@contextmanager
+def staged(outputs: dict[str, Path], keep: tuple[str, ...] = ()) -> Iterator[dict[str, Path]]:
+    """Hidden sibling paths for the stage to write its outputs to, renamed onto the outputs together
+    once it returns: a stage that fails or is killed leaves every declared output as it was (the
+    `keep` outputs, resume checkpoints, are written in place)."""
+    staging = {
+        name: path if name in keep else path.with_name(f".{path.name}.staged")
+        for name, path in ((n, Path(p)) for n, p in outputs.items())
+    }
+    temporary = [staging[name] for name in outputs if name not in keep]
+    for tmp in temporary:
+        remove(tmp)
+    try:
+        yield staging
+        missing = [str(outputs[name]) for name in outputs if name not in keep and not staging[name].exists()]
+        if missing:
+            raise RuntimeError(f"the stage did not write its outputs {missing}")
+        for name, path in outputs.items():
+            if name not in keep:
+                path = Path(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remove(path)
+                os.replace(staging[name], path)
+    finally:
+        for tmp in temporary:
+            remove(tmp)
+
+
+def _made_by(name: str, stage: Stage) -> str:
+    """Where a missing input comes from: the stage that writes it by default."""
+    default = stage.inputs.get(name)
+    for other in STAGES:
+        if default in other.outputs.values():
+            return f"; it is written by stage {other.name} (`dvc repro {other.name}`)"
+    return ""

@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 from cdc.criteria import get_criterion, taylor_scores, weight_scores
 from cdc.data import load_prepared
 from cdc.hierarchy import coarse_block_count, coarse_groups
-from cdc.io import atomic_path, load_model, read_json, write_json
+from cdc.io import atomic_path, load_model, write_json
 from cdc.params import Params
 from cdc.scoring import LayerScores, score_layers
-from cdc.stats_table import read_grid_stats, read_stats
+from cdc.stats_table import SCORES_SCHEMA, read_grid_stats, read_stats
+from components import inputs as checked
 from components.runtime import stage_runtime
 from components.tracking import StageTracker
 
@@ -32,8 +33,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     p = params.score
     criterion = get_criterion(p.criterion)
     stats = read_stats(inputs["stats"])
-    confusion = read_json(inputs["confusion"])
-    classes = confusion["classes"]
+    classes, matrix = checked.confusion(inputs["confusion"])
+    teacher = load_model(inputs["teacher"], "teacher model")[0]
+    checked.stats_of(inputs["stats"], stats, teacher, len(classes))
     if p.coarse_map is not None:
         if len(p.coarse_map) != len(classes) or min(p.coarse_map) < 0:
             raise ValueError(
@@ -42,7 +44,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             )
         fine_to_coarse, source = np.asarray(p.coarse_map, np.int64), "params"
     else:
-        fine_to_coarse = coarse_groups(np.asarray(confusion["matrix"]), p.n_coarse, params.seed)
+        fine_to_coarse = coarse_groups(matrix, p.n_coarse, params.seed)
         source = "spectral_clustering"
     t = coarse_block_count(len(stats), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
     if criterion.source == "stats":
@@ -69,7 +71,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         rows["score"] += ls.scores.tolist()
         rows["label_level"] += [ls.level] * n
     with atomic_path(outputs["scores"]) as tmp:
-        pq.write_table(pa.table(rows), tmp)
+        pq.write_table(pa.table(rows, schema=SCORES_SCHEMA), tmp)
     n_groups = int(fine_to_coarse.max()) + 1
     groups = [[classes[k] for k in np.flatnonzero(fine_to_coarse == g)] for g in range(n_groups)]
     write_json(

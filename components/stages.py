@@ -58,7 +58,7 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "train_teacher",
-        "Train the full network with SGD, validating every epoch and checkpointing for --resume.",
+        "Train the full network with SGD, validating every epoch; a rerun resumes from the last checkpoint.",
         inputs={"prepared": PREPARED},
         outputs={
             "model": TEACHER,
@@ -71,7 +71,7 @@ STAGES: list[Stage] = [
         metrics=("metrics",),
         plots=("history",),
         persist=("checkpoints",),
-        flags={"resume": "continue from the last epoch checkpoint instead of starting over"},
+        flags={"restart": "ignore the checkpoints of an unfinished run and start over"},
     ),
     Stage(
         "dump_stats",
@@ -128,11 +128,14 @@ STAGES: list[Stage] = [
             "model": "data/student/model.pt",
             "history": "metrics/student_history.csv",
             "metrics": "metrics/student.json",
+            "checkpoints": "data/student/checkpoints",
         },
-        kinds={"model": "model", "history": "dataset", "metrics": "metrics"},
+        kinds={"model": "model", "history": "dataset", "metrics": "metrics", "checkpoints": "artifact"},
         params=("seed", "distill", RUNTIME),
         metrics=("metrics",),
         plots=("history",),
+        persist=("checkpoints",),
+        flags={"restart": "ignore the checkpoints of an unfinished run and start over"},
     ),
     Stage(
         "evaluate",
