@@ -275,7 +275,8 @@ def validate_params(raw: dict, source: str) -> Params:
                 lines.append(f"  {key}: {e['msg']} (got {value!r})")
             else:  # a rule across sections: the message names its keys
                 lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
-        raise ParamsError(f"invalid params in {source}:\n" + "\n".join(lines)) from None
+        joined = lines[0].strip() if len(lines) == 1 else "\n" + "\n".join(lines)
+        raise ParamsError(f"invalid params in {source}: {joined}") from None
 
 
 def _check_registry(value: str, registry: dict, what: str) -> str:

@@ -84,7 +84,7 @@ def write_stats(path: Path, stats: dict[str, LayerStats]) -> None:
 
 
 def read_stats(path: Path) -> dict[str, LayerStats]:
-    return table_to_stats(read_checked(path, SCHEMA, "activation statistics table"))
+    return table_to_stats(read_checked(path, SCHEMA, "table of activation statistics"))
 
 
 def read_checked(path: str | Path, schema: pa.Schema, what: str, allow_empty: bool = False) -> pa.Table:
@@ -153,7 +153,7 @@ def write_grid_stats(path: Path, stats: dict[str, GridStats]) -> None:
 def read_grid_stats(path: Path) -> dict[str, GridStats]:
     """Inverse of `write_grid_stats`, layers in forward order."""
     # empty when dump_stats.grid is null
-    table = read_checked(path, GRID_SCHEMA, "pooled-grid statistics table", allow_empty=True)
+    table = read_checked(path, GRID_SCHEMA, "table of pooled-grid statistics", allow_empty=True)
     df = table.to_pandas().sort_values(["layer_index", "channel", "class"])
     stats: dict[str, GridStats] = {}
     for _, g in df.groupby("layer_index", sort=True):

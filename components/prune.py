@@ -31,7 +31,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     input_shape = tuple(
         read_json(inputs["prepared"] / "meta.json", "prepared dataset metadata")["input_shape"]
     )
-    scores = read_checked(inputs["scores"], SCORES_SCHEMA, "channel scores table").to_pandas()
+    scores = read_checked(inputs["scores"], SCORES_SCHEMA, "table of channel scores").to_pandas()
     names = [layer.name for layer in model.prunable_layers()]
     widths_before = model.widths()
     layer_scores = [scores[scores["layer"] == n].sort_values("channel")["score"].to_numpy() for n in names]

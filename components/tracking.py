@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cdc.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "CDC_PARENT_RUN_ID"
@@ -44,6 +46,23 @@ def setup_mlflow() -> Any:
     if s3 is not None:
         for key, value in client_env(s3).items():
             os.environ.setdefault(key, value)
+    for (
+        key,
+        value,
+    ) in HTTP_DEFAULTS.items():  # MLflow's own: 7 retries, minutes per call when a server is gone
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        problem = server_problem(uri)
+        if problem and os.environ.get(FALLBACK_ENV) == "local":
+            local = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+            log.warning("MLflow server %s unreachable (%s): logging into %s instead", uri, problem, local)
+            os.environ["MLFLOW_TRACKING_URI"] = local
+        elif problem:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} unreachable ({problem}); start it, unset MLFLOW_TRACKING_URI "
+                f"to track into ./mlflow.db, or set {FALLBACK_ENV}=local to log locally this time"
+            )
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
@@ -63,6 +82,52 @@ def setup_mlflow() -> Any:
         )
     mlflow.set_experiment(name)
     return mlflow
+
+
+FALLBACK_ENV = "CDC_TRACKING_FALLBACK"
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+class TrackingUnavailable(InputError):
+    """The tracking server cannot be reached: said before any work starts."""
+
+
+def server_problem(uri: str) -> str | None:
+    """Why the MLflow server at `uri` does not answer its health check, or None when it does."""
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=5)
+    except requests.RequestException as err:
+        return type(err).__name__
+    return None if response.ok else f"health check answered HTTP {response.status_code}"
+
+
+class LostLogging:
+    """MLflow calls made after the tracking server went away mid-stage: the first failure is reported,
+    later calls are skipped, and the stage still writes its outputs."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.first: Exception | None = None
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.first is None:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # any client or transport error: tracking must not kill training
+                self.first = err
+                log.warning("MLflow logging failed (%s); the stage goes on without it", _short(err))
+        self.dropped += 1
+        return None
+
+
+def _short(err: Exception) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def md5(path: str | Path) -> str:
@@ -120,14 +185,15 @@ def _flatten(prefix: str, obj: Any) -> dict[str, Any]:
 class StageTracker:
     """Per-step metrics for a stage, so stages never import MLflow (`stage_run` logs the outputs)."""
 
-    def __init__(self, mlflow: Any) -> None:
+    def __init__(self, mlflow: Any, guard: LostLogging | None = None) -> None:
         self._mlflow = mlflow
+        self._guard = guard or LostLogging()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._guard.call(self._mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._mlflow.set_tags(tags)
+        self._guard.call(self._mlflow.set_tags, tags)
 
     def register_model(
         self, model: Any, name: str, example: Any, example_output: Any, tags: dict[str, str]
@@ -180,17 +246,31 @@ def stage_run(
     }
     tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
     tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags) as run:
-        log.info("MLflow run %s (%s)", run.info.run_id, stage)
-        mlflow.log_params(_flatten("", params))
-        yield StageTracker(mlflow)
-        for name, path in outputs.items():
-            path = Path(path)
-            if not path.exists():
-                continue
-            mlflow.set_tag(f"cdc.output.{name}.md5", md5(path))
-            mlflow.set_tag(f"cdc.output.{name}.path", str(path))
-            if path.is_file() and path.stat().st_size < 50 * 2**20:
-                mlflow.log_artifact(str(path), artifact_path=name)
-            elif path.is_dir() and name != "checkpoints":
-                mlflow.log_artifacts(str(path), artifact_path=name)
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags)
+    log.info("MLflow run %s (%s)", run.info.run_id, stage)
+    guard = LostLogging()
+    try:
+        guard.call(mlflow.log_params, _flatten("", params))
+        yield StageTracker(mlflow, guard)
+    except BaseException:
+        guard.call(mlflow.end_run, status="FAILED")
+        raise
+    for name, path in outputs.items():
+        path = Path(path)
+        if not path.exists():
+            continue
+        guard.call(mlflow.set_tag, f"cdc.output.{name}.md5", md5(path))
+        guard.call(mlflow.set_tag, f"cdc.output.{name}.path", str(path))
+        if path.is_file() and path.stat().st_size < 50 * 2**20:
+            guard.call(mlflow.log_artifact, str(path), artifact_path=name)
+        elif path.is_dir() and name != "checkpoints":
+            guard.call(mlflow.log_artifacts, str(path), artifact_path=name)
+    guard.call(mlflow.end_run)
+    if guard.first is not None:
+        log.warning(
+            "MLflow lost %d logging calls of run %s (first: %s); the stage's outputs are complete, its "
+            "MLflow record is not (`cdc lineage verify` will flag it)",
+            guard.dropped,
+            run.info.run_id,
+            _short(guard.first),
+        )

@@ -18,6 +18,13 @@ from tests.workspace import REPO, TINY, clean_env, make_workspace, run_ok  # noq
 
 RAW = Path(os.environ.get("CDC_RAW_ROOT", REPO / "data" / "raw"))
 
+CREDENTIAL_SENTINELS = {
+    "AWS_ACCESS_KEY_ID": "AKIACDCSENTINEL0KEY1",
+    "AWS_SECRET_ACCESS_KEY": "cdc-sentinel-secret-7f3a9b",
+    "MLFLOW_TRACKING_PASSWORD": "cdc-sentinel-password-51c2",
+    "MLFLOW_TRACKING_TOKEN": "cdc-sentinel-token-e8d4",
+}
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -58,7 +65,8 @@ def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
     """The output of one `cdc repro` of the tiny profile (every stage runs); its dvc.lock is kept aside
     (`first_lock`) since later tests change the workspace."""
     ws, env = workspace
-    out = run_ok(["cdc", "repro"], ws, env)
+    # credentials in the environment must not end up in any output (tests/test_reliability.py greps)
+    out = run_ok(["cdc", "repro"], ws, {**env, **CREDENTIAL_SENTINELS})
     for kept in ("dvc.lock", "metrics/evaluate.json"):
         shutil.copy(ws / kept, ws.parent / f"first_repro.{Path(kept).name}")
     return out
@@ -70,3 +78,12 @@ def first_records(workspace: tuple[Path, dict[str, str]], first_repro: str) -> t
     ws, _ = workspace
     kept = [(ws.parent / f"first_repro.{name}").read_text() for name in ("dvc.lock", "evaluate.json")]
     return yaml.safe_load(kept[0]), json.loads(kept[1])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """`make reliability` sets CDC_RELIABILITY_RECORD: the cases tried go to docs/reliability.md."""
+    from tests import reliability_record
+
+    target = os.environ.get(reliability_record.RECORD_ENV)
+    if target and reliability_record.CASES:
+        reliability_record.write(REPO / target, "make reliability")
