@@ -404,13 +404,7 @@ def snapshot(ref: str, runs: Runs | None = None) -> Snapshot:
     rev = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").stdout.strip()
     kind = "git revision"
     if not rev:
-        refs = _git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/").stdout.split("\n")
-        matches = [line.split()[1] for line in refs if line.split() and line.split()[0].endswith("/" + ref)]
-        if not matches:
-            raise LineageError(
-                f"{ref!r} is no git revision, DVC experiment, MLflow pipeline run id or `workspace`"
-            )
-        rev, kind = matches[0], "DVC experiment"
+        rev, kind = _experiment_commit(ref), "DVC experiment"
     lock = lock_stages(_git("show", f"{rev}:{LOCK}").stdout)
     metrics = {}
     for p in METRICS_FILES:
@@ -418,6 +412,30 @@ def snapshot(ref: str, runs: Runs | None = None) -> Snapshot:
         if shown.returncode == 0:
             metrics[p] = json.loads(shown.stdout)
     return Snapshot(ref, kind, rev, lock, metrics)
+
+
+def _experiment_commit(name: str) -> str:
+    """The commit of DVC experiment `name`, resolved as DVC does: an experiment of the current commit
+    first, else the only experiment of that name; several on other baselines are ambiguous."""
+    lines = _git("for-each-ref", "--format=%(refname) %(objectname)", "refs/exps/").stdout.split("\n")
+    refs = dict(line.split() for line in lines if line.strip())
+    matches = {r: c for r, c in refs.items() if r.endswith("/" + name) and r.count("/") == 4}
+    head = _git("rev-parse", "HEAD").stdout.strip()
+    on_head = [c for r, c in matches.items() if r == f"refs/exps/{head[:2]}/{head[2:]}/{name}"]
+    if on_head:
+        return on_head[0]
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    if not matches:
+        raise LineageError(
+            f"{name!r} is no git revision, DVC experiment, MLflow pipeline run id or `workspace`"
+        )
+    listed = ", ".join(
+        f"{c[:7]} (baseline {r.split('/')[2]}{r.split('/')[3][:5]})" for r, c in matches.items()
+    )
+    raise LineageError(
+        f"experiment name {name!r} is ambiguous: {listed}; give the experiment's commit instead"
+    )
 
 
 @dataclass

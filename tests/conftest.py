@@ -86,4 +86,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     target = os.environ.get(reliability_record.RECORD_ENV)
     if target and reliability_record.CASES:
-        reliability_record.write(REPO / target, "make reliability")
+        args = " ".join(session.config.invocation_params.args)
+        command = f"{reliability_record.RECORD_ENV}={target} pytest {args}".strip()
+        reliability_record.write(REPO / target, command)
