@@ -326,3 +326,39 @@ def test_verify_reports_each_tampering_with_a_nonzero_exit(audited, tamper, kind
     assert any(f["kind"] == kind and f["where"].startswith(where) for f in report["findings"]), report
     if tamper is _tamper_record:  # no run vouches for the scores any more
         assert any(f["kind"] == "untracked" and f["where"] == "score" for f in report["findings"])
+
+
+def test_experiment_names_resolve_as_dvc_resolves_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An experiment of the current commit wins; a name used on two other baselines is refused."""
+    monkeypatch.chdir(tmp_path)
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def commit(message: str) -> str:
+        subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", message], check=True)
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def experiment(baseline: str, name: str, sha: str) -> None:
+        subprocess.run(
+            ["git", "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", sha], check=True
+        )
+
+    subprocess.run(["git", "init", "-q"], check=True)
+    first, exp_a = commit("first"), commit("exp a")
+    second, exp_b = commit("second"), commit("exp b")
+    experiment(first, "ratio", exp_a)
+    assert lineage._experiment_commit("ratio") == exp_a  # the only one of that name
+    experiment(second, "ratio", exp_b)
+    subprocess.run(["git", "checkout", "-q", second], check=True)
+    assert lineage._experiment_commit("ratio") == exp_b  # the current commit's
+    commit("third")  # now on neither baseline
+    with pytest.raises(lineage.LineageError, match="ambiguous"):
+        lineage._experiment_commit("ratio")
+    with pytest.raises(lineage.LineageError, match="no git revision"):
+        lineage._experiment_commit("absent")
