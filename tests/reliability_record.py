@@ -6,12 +6,14 @@ from __future__ import annotations
 import datetime
 import platform
 import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 RECORD_ENV = "CDC_RELIABILITY_RECORD"  # the file to write the record to at the end of the session
 CASES: list[dict] = []
-TEMPORARY = r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/ ]+/"  # the tests' scratch folders, left out of the record
+# the tests' scratch folders (pytest's, under the system's temporary directory), left out of the record
+TEMPORARY = re.escape(tempfile.gettempdir()) + r"/pytest-of-[^/]+/pytest-\d+/[^/ ]+/"
 
 BAD_INPUTS = ("params", "input files")  # what a user feeds in
 FAULTS = ("kill", "numerical", "service")  # what was injected while a stage ran
