@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table, target, write_result
-from cdc.data import Batches, Split, channel_mean_std, load_raw, stratified_subset
+from cdc.data import Batches, Split, channel_mean_std, stratified_subset
 from cdc.device import resolve_device
 from cdc.latency import compare_latency
 from cdc.models import build_model
+from cdc.sources import load_raw
 from cdc.stats import collect_stats
 
 

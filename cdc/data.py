@@ -1,13 +1,15 @@
-"""Datasets: a registry of raw sources, the prepared on-disk format, and in-memory batching.
+"""The prepared dataset: its on-disk format, and batching from memory or from image files.
 
-A prepared split is an `.npz` of `images` (uint8, N x C x H x W) and `labels` (int64): loadable without
-pickle, hashable by DVC, and small enough (Fashion-MNIST: 55 MB) to hold in memory, which on a 2-core
-machine is several times faster than a DataLoader.
+A small dataset is prepared as `.npz` splits of `images` (uint8, N x C x H x W) and `labels` (int64):
+loadable without pickle, hashable by DVC, and small enough (Fashion-MNIST: 55 MB) to hold in memory,
+which on a 2-core machine is several times faster than a DataLoader. A large image-file dataset is
+prepared as the list of its files (`files.parquet`: file, label, split, md5) and streamed through a
+DataLoader (cdc/images.py). Raw datasets and their registry: cdc/sources.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from cdc.device import to_device
 from cdc.errors import InputError, reading
+from cdc.images import FileSplit, StreamBatches, decode
 
 
 @dataclass
@@ -26,77 +29,8 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-
-@dataclass
-class RawDataset:
-    train: Split
-    test: Split
-    classes: list[str]
-
-
-DatasetLoader = Callable[[Path], RawDataset]
-DATASETS: dict[str, DatasetLoader] = {}
-CLASS_COUNTS: dict[str, int] = {}  # known before any data is read: params are checked against them
-
-
-def register_dataset(name: str, num_classes: int) -> Callable[[DatasetLoader], DatasetLoader]:
-    def add(loader: DatasetLoader) -> DatasetLoader:
-        DATASETS[name] = loader
-        CLASS_COUNTS[name] = num_classes
-        return loader
-
-    return add
-
-
-def load_raw(name: str, root: Path) -> RawDataset:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](root)
-
-
-def _torchvision_split(dataset: object) -> Split:
-    data = np.asarray(dataset.data)  # type: ignore[attr-defined]
-    images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
-    return Split(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(dataset.targets, dtype=np.int64))  # type: ignore[attr-defined]
-
-
-def _missing(name: str, where: Path, how: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{name} not found under {where}. {how}")
-
-
-@register_dataset("fashion_mnist", 10)
-def fashion_mnist(root: Path) -> RawDataset:
-    from torchvision.datasets import FashionMNIST
-
-    raw = root / "FashionMNIST" / "raw"
-    if not (raw / "train-images-idx3-ubyte").exists():
-        raise _missing(
-            "Fashion-MNIST",
-            raw,
-            "Run `make data` (it installs Debian's dataset-fashion-mnist and gunzips "
-            "/usr/share/datasets/fashion-mnist/*.gz there).",
-        )
-    train, test = (FashionMNIST(str(root), train=t, download=False) for t in (True, False))
-    return RawDataset(_torchvision_split(train), _torchvision_split(test), list(train.classes))
-
-
-def _cifar(cls_name: str, folder: str) -> DatasetLoader:
-    def load(root: Path) -> RawDataset:
-        import torchvision.datasets as tvd
-
-        if not (root / folder).exists():
-            raise _missing(
-                cls_name, root / folder, "Place the torchvision copy there (no download happens at run time)."
-            )
-        cls = getattr(tvd, cls_name)
-        train, test = (cls(str(root), train=t, download=False) for t in (True, False))
-        return RawDataset(_torchvision_split(train), _torchvision_split(test), list(train.classes))
-
-    return load
-
-
-register_dataset("cifar10", 10)(_cifar("CIFAR10", "cifar-10-batches-py"))
-register_dataset("cifar100", 100)(_cifar("CIFAR100", "cifar-100-python"))
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(self.images[idx], self.labels[idx])
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,8 +102,10 @@ class Batches:
         hflip: bool = True,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.device = torch.device(device)
+        self.rank, self.world = shard
         self.images = torch.from_numpy(split.images)
         self.labels = torch.from_numpy(split.labels)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -179,7 +115,8 @@ class Batches:
         self.pad = max(1, round(4 * split.images.shape[-1] / 32))
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        share = len(range(self.rank, len(self.labels), self.world))
+        return (share + self.batch_size - 1) // self.batch_size
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
@@ -202,7 +139,8 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
+        order = order[self.rank :: self.world]  # a process's share; every image in exactly one share
+        for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             x = to_device(self.images[idx], self.device)
             if self.augment:
@@ -210,14 +148,20 @@ class Batches:
             yield self._normalize(x), to_device(self.labels[idx], self.device)
 
 
+AnySplit = Split | FileSplit
+AnyBatches = Batches | StreamBatches
+
+
 @dataclass
 class Prepared:
-    """A prepared dataset directory: train/val/test splits plus `meta.json` (classes, shape, mean, std)."""
+    """A prepared dataset: train/val/test splits (in memory, or image files streamed from `meta["root"]`)
+    plus `meta.json` (classes, input shape, mean, std, storage)."""
 
-    train: Split
-    val: Split
-    test: Split
+    train: AnySplit
+    val: AnySplit
+    test: AnySplit
     meta: dict
+    workers: int = 2  # DataLoader workers decoding image files (file-backed splits only)
 
     @property
     def num_classes(self) -> int:
@@ -227,22 +171,54 @@ class Prepared:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.meta["input_shape"])  # type: ignore[return-value]
 
-    def batches(self, split: str, batch_size: int, **kwargs: object) -> Batches:
-        return Batches(getattr(self, split), self.meta["mean"], self.meta["std"], batch_size, **kwargs)  # type: ignore[arg-type]
+    def batches(self, split: str | AnySplit, batch_size: int, **kwargs: object) -> AnyBatches:
+        """Batches of a split (by name, or a subset of one) through memory or a DataLoader, alike:
+        (normalized float images, labels) on `device`, shuffled/augmented/sharded as asked."""
+        data = getattr(self, split) if isinstance(split, str) else split
+        mean, std = self.meta["mean"], self.meta["std"]
+        if isinstance(data, FileSplit):
+            size = self.input_shape[-1]
+            return StreamBatches(data, mean, std, batch_size, size, workers=self.workers, **kwargs)  # type: ignore[arg-type]
+        return Batches(data, mean, std, batch_size, **kwargs)  # type: ignore[arg-type]
 
     def training_batches(
-        self, batch_size: int, seed: int, device: torch.device, augment: bool, hflip: bool
-    ) -> Batches:
+        self,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        augment: bool,
+        hflip: bool,
+        shard: tuple[int, int] = (0, 1),
+    ) -> AnyBatches:
         """What a training epoch iterates: the training split shuffled, optionally augmented."""
         return self.batches(
-            "train", batch_size, shuffle=True, augment=augment, hflip=hflip, seed=seed, device=device
+            "train",
+            batch_size,
+            shuffle=True,
+            augment=augment,
+            hflip=hflip,
+            seed=seed,
+            device=device,
+            shard=shard,
         )
+
+    def images(self, split: str, n: int) -> np.ndarray:
+        """The first `n` images of a split as uint8 N x C x H x W, as evaluation sees them."""
+        data = getattr(self, split)
+        if isinstance(data, FileSplit):
+            from cdc.images import eval_transform
+
+            crop = eval_transform(self.input_shape[-1])
+            return np.stack([crop(decode(data.root / f)).numpy() for f in data.files[:n]])
+        return data.images[:n]
 
 
 META_KEYS = ("classes", "input_shape", "mean", "std")
+SPLITS = ("train", "val", "test")
+FILES_TABLE = "files.parquet"  # file-backed splits: file (relative to meta["root"]), label, split, md5
 
 
-def load_prepared(root: Path) -> Prepared:
+def load_prepared(root: Path, workers: int = 2) -> Prepared:
     """The prepared dataset at `root`, checked: metadata, the three splits, their shapes and classes."""
     import json
 
@@ -255,20 +231,49 @@ def load_prepared(root: Path) -> Prepared:
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise InputError(f"{meta_path}: keys {missing} missing; rerun `cdc prepare`", meta_path)
-    splits = {}
-    for name in ("train", "val", "test"):
-        path = root / f"{name}.npz"
-        if not path.exists():
-            raise InputError(f"{root}: split {name} missing ({path.name}); rerun `cdc prepare`", path)
-        splits[name] = load_split(path)
-        if list(splits[name].images.shape[1:]) != list(meta["input_shape"]):
-            raise InputError(
-                f"{path}: images of shape {list(splits[name].images.shape[1:])}, meta.json says "
-                f"{meta['input_shape']}; rerun `cdc prepare`",
-                path,
-            )
-        check_classes(splits[name], meta["classes"], str(path), every_class=name == "train")
-    return Prepared(splits["train"], splits["val"], splits["test"], meta)
+    if meta.get("storage") == "files":
+        splits = _file_splits(root, meta)
+    else:
+        splits = {}
+        for name in SPLITS:
+            path = root / f"{name}.npz"
+            if not path.exists():
+                raise InputError(f"{root}: split {name} missing ({path.name}); rerun `cdc prepare`", path)
+            splits[name] = load_split(path)
+            if list(splits[name].images.shape[1:]) != list(meta["input_shape"]):
+                raise InputError(
+                    f"{path}: images of shape {list(splits[name].images.shape[1:])}, meta.json says "
+                    f"{meta['input_shape']}; rerun `cdc prepare`",
+                    path,
+                )
+    for name in SPLITS:
+        check_classes(splits[name], meta["classes"], f"{root} ({name} split)", every_class=name == "train")
+    return Prepared(splits["train"], splits["val"], splits["test"], meta, workers)
+
+
+def _file_splits(root: Path, meta: dict) -> dict[str, FileSplit]:
+    """The file lists of a file-backed prepared dataset, each file checked to exist under meta's root."""
+    import pyarrow.parquet as pq
+
+    table_path = root / FILES_TABLE
+    with reading(table_path, "list of image files"):
+        table = pq.read_table(table_path, columns=["file", "label", "split"]).to_pydict()
+    images = Path(meta["root"])
+    absent = [f for f in table["file"] if not (images / f).is_file()]
+    if absent:
+        raise InputError(
+            f"{images / absent[0]}: image missing ({len(absent)} of the {len(table['file'])} files listed in "
+            f"{table_path} are); restore the tree or rerun `cdc prepare`",
+            images / absent[0],
+        )
+    labels = np.asarray(table["label"], np.int64)
+    split_of = np.asarray(table["split"])
+    files = np.asarray(table["file"], dtype=object)
+    out = {}
+    for name in SPLITS:
+        mask = split_of == name
+        out[name] = FileSplit(images, files[mask].tolist(), labels[mask])
+    return out
 
 
 def channel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:

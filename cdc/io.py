@@ -105,3 +105,36 @@ def expect_model(path: str | Path, record: dict[str, Any], fix: str, **expected:
     for key, want in expected.items():
         if record[key] != want:
             raise InputError(f"{path}: model has {key} {record[key]!r}, expected {want!r}; {fix}", path)
+
+
+def load_initial_weights(model: PrunableNet, path: str | Path) -> list[str]:
+    """Start `model` from a user's weights: a torchvision-style state dict (or a cdc model file, or a
+    dict holding one under `state_dict`/`model`), loaded with `weights_only`. Every tensor must fit,
+    except the classifier's when the class count differs (a new head); returns the keys left as
+    initialized."""
+    record = load_torch(path, "initial weights (a state dict)")
+    state = record
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: not a state dict (a mapping of parameter names to tensors)", path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DistributedDataParallel
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(head))
+    misfit = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape and k not in head)
+    if unknown or missing or misfit:
+        shown = {"unexpected": unknown[:3], "missing": missing[:3], "of another shape": misfit[:3]}
+        detail = "; ".join(f"{what}: {keys}" for what, keys in shown.items() if keys)
+        raise InputError(f"{path}: weights do not fit this architecture ({detail})", path)
+    fresh = sorted(k for k in head if k not in state or state[k].shape != own[k].shape)
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    return fresh
+
+
+def _classifier_keys(model: torch.nn.Module) -> set[str]:
+    """The state-dict keys of the last Linear layer (the head a new class count replaces)."""
+    name = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    return {f"{name}.{k}" for k, _ in model.get_submodule(name).named_parameters()}

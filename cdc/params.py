@@ -5,6 +5,7 @@ A bad value fails with its full key (e.g. `prune.ratio`), the value given and wh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,12 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdc.criteria import CRITERIA
-from cdc.data import CLASS_COUNTS, DATASETS
 from cdc.device import DEVICE_PATTERN
 from cdc.errors import InputError
 from cdc.inference import INFERENCE_FORMS
 from cdc.models import MODELS, PrunableNet, build_model
 from cdc.pruning import BUDGETS
+from cdc.sources import CLASS_COUNTS, COARSE_MAPS, DATASETS
 
 
 class Section(BaseModel):
@@ -27,6 +28,24 @@ class Section(BaseModel):
 
 class DataParams(Section):
     dataset: str = "fashion_mnist"
+    root: str = Field(
+        "data/raw",
+        description="the raw dataset's folder; relative paths are inside the workspace (absolute: anywhere)",
+    )
+    image_size: int | None = Field(
+        None, ge=8, description="imagefolder: side of the square images the model sees (null: 224)"
+    )
+    storage: Literal["auto", "memory", "files"] = Field(
+        "auto", description="imagefolder: decode into memory, or stream the files (auto: by memory_limit_mb)"
+    )
+    memory_limit_mb: int = Field(
+        2048,
+        ge=1,
+        description="imagefolder, storage auto: decoded size up to which the images are held in memory",
+    )
+    workers: int = Field(
+        2, ge=0, description="DataLoader workers decoding streamed image files (speed only, not results)"
+    )
     val_size: int = Field(5000, ge=1, description="images held out of the training set for validation")
     train_limit: int | None = Field(None, ge=10, description="class-balanced cap on training images")
     test_limit: int | None = Field(None, ge=10, description="class-balanced cap on test images")
@@ -35,6 +54,19 @@ class DataParams(Section):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _check_registry(v, DATASETS, "dataset")
+
+    @field_validator("root")
+    @classmethod
+    def _inside_workspace(cls, v: str) -> str:
+        return workspace_path(v)
+
+    @model_validator(mode="after")
+    def _file_settings_for_file_datasets(self) -> DataParams:
+        if self.dataset != "imagefolder":
+            for key, default in (("image_size", None), ("storage", "auto")):
+                if getattr(self, key) != default:
+                    raise ValueError(f"data.{key} is read by dataset imagefolder only, not {self.dataset}")
+        return self
 
 
 class TrainTeacherParams(Section):
@@ -53,6 +85,14 @@ class TrainTeacherParams(Section):
     warmup_epochs: float = Field(1.0, ge=0)
     augment: bool = True
     hflip: bool = True
+    init_checkpoint: str | None = Field(
+        None, description="start from these weights (a torchvision-style state dict; null: random init)"
+    )
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _checkpoint_in_workspace(cls, v: str | None) -> str | None:
+        return v if v is None else workspace_path(v)
 
 
 class DumpStatsParams(Section):
@@ -80,7 +120,9 @@ class ScoreParams(Section):
     n_coarse: int = Field(4, ge=1, description="coarse groups from spectral clustering")
     coarse_blocks: int | None = Field(None, ge=0, description="T: blocks 1..T use coarse labels")
     coarse_fraction: float = Field(0.52, ge=0, le=1, description="T = round(fraction * blocks) when unset")
-    coarse_map: list[int] | None = Field(None, description="explicit fine->coarse group ids")
+    coarse_map: list[int] | Literal["cifar100_superclasses"] | None = Field(
+        None, description="explicit fine->coarse group ids, or a dataset's own (cifar100_superclasses)"
+    )
 
     @field_validator("criterion")
     @classmethod
@@ -185,6 +227,13 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
 
+    def get(self, dotted: str) -> object:
+        """The value of a dotted key, e.g. `data.root`."""
+        value: object = self
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        return value
+
     @model_validator(mode="after")
     def _di_needs_grid_statistics(self) -> Params:
         if self.score.criterion == "di" and self.dump_stats.grid is None:
@@ -226,6 +275,14 @@ class Params(Section):
             raise ValueError(f"score.coarse_blocks {t} > {len(layers)}, the blocks of {arch}")
         k = CLASS_COUNTS[self.data.dataset]
         cmap = self.score.coarse_map
+        if isinstance(cmap, str):
+            if COARSE_MAPS[cmap] != self.data.dataset:
+                raise ValueError(
+                    f"score.coarse_map {cmap} comes with dataset {COARSE_MAPS[cmap]}, not {self.data.dataset}"
+                )
+            return self
+        if k is None:  # the class count is found in the data: `score` checks it
+            return self
         if cmap is not None and (len(cmap) != k or min(cmap) < 0):
             raise ValueError(
                 f"score.coarse_map needs a group id >= 0 for each of the {k} classes of {self.data.dataset}, "
@@ -277,6 +334,14 @@ def validate_params(raw: dict, source: str) -> Params:
                 lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         joined = lines[0].strip() if len(lines) == 1 else "\n" + "\n".join(lines)
         raise ParamsError(f"invalid params in {source}: {joined}") from None
+
+
+def workspace_path(v: str) -> str:
+    """A path param: a relative path climbing out of the workspace would read whatever happens to lie
+    beside it (and DVC would hash it); data outside is named by an absolute path, deliberately."""
+    if not Path(v).is_absolute() and os.path.normpath(v).split(os.sep)[0] == "..":
+        raise ValueError(f"relative path {v!r} leaves the workspace; name outside files by an absolute path")
+    return v
 
 
 def _check_registry(value: str, registry: dict, what: str) -> str:

@@ -41,7 +41,13 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
         p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
         for name, path in stage.inputs.items():
-            p.add_argument(option(name), default=path, type=Path, help=f"input {name} (default: %(default)s)")
+            if name in stage.param_paths:
+                key = stage.param_paths[name]
+                p.add_argument(option(name), type=Path, help=f"input {name} (default: params {key}, {path})")
+            else:
+                p.add_argument(
+                    option(name), default=path, type=Path, help=f"input {name} (default: %(default)s)"
+                )
         for name, path in stage.outputs.items():
             p.add_argument(
                 option(name), default=path, type=Path, help=f"output {name} (default: %(default)s)"
@@ -68,10 +74,14 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> None:
     from cdc.params import load_params
     from components.runner import execute
 
+    params = load_params(args.params)
     inputs = {name: getattr(args, name) for name in stage.inputs}
+    for name, key in stage.param_paths.items():
+        if inputs[name] is None:
+            inputs[name] = Path(params.get(key))
     outputs = {name: getattr(args, name) for name in stage.outputs}
     flags = {flag: getattr(args, flag) for flag in stage.flags}
-    execute(stage, load_params(args.params), inputs, outputs, **flags)
+    execute(stage, params, inputs, outputs, **flags)
 
 
 def repro(dvc_args: list[str]) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cdc.data import Batches, Prepared, Split, load_prepared, stratified_subset
+from cdc.data import AnySplit, Prepared, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
 from cdc.errors import Preempted
 from cdc.io import save_model, write_json
@@ -50,7 +50,7 @@ def run(
     p = params.distill
     runtime = stage_runtime(params, tracker)
     device = runtime.device
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     teacher, record = checked.teacher(inputs["teacher"], data)
     teacher.to(device)
     student = checked.pruned(inputs["pruned"], record).to(device)
@@ -62,7 +62,7 @@ def run(
     w_t = torch.from_numpy(dca["w_teacher"]).float().to(device)
     w_s = torch.from_numpy(dca["w_student"]).float().to(device)
     fit_idx = stratified_subset(data.train.labels, int(dca["images"]), params.seed)
-    fit_split = Split(data.train.images[fit_idx], data.train.labels[fit_idx])
+    fit_split = data.train.subset(fit_idx)
 
     torch.manual_seed(params.seed)
     checkpoints = Checkpoints(outputs["checkpoints"], fingerprint("distill", params, inputs), restart)
@@ -171,7 +171,7 @@ def run(
 
 def refit_student_basis(
     student: PrunableNet,
-    fit_split: Split,
+    fit_split: AnySplit,
     data: Prepared,
     layer: str,
     pool: int | None,
@@ -180,7 +180,7 @@ def refit_student_basis(
 ) -> torch.Tensor:
     """Refit the student's DCA basis on the fitting images and sign-align it to the teacher's."""
     device = next(student.parameters()).device
-    batches = Batches(fit_split, data.meta["mean"], data.meta["std"], 256, device=device)
+    batches = data.batches(fit_split, 256, device=device)
     acc = accumulate_scatter(student, layer, pool, batches, label_map)
     w = align_signs(fit_dca(acc), acc.centroids(), dca["w_teacher"], dca["centroids_teacher"])
     student.train()

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     runtime = stage_runtime(params, tracker)
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     teacher = checked.teacher(inputs["teacher"], data)[0].to(runtime.device)
     batch_size = params.dump_stats.batch_size
     batches = data.batches("train", batch_size, device=runtime.device)

@@ -39,7 +39,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     runtime = stage_runtime(params, tracker)
     device = runtime.device
     torch.manual_seed(params.seed)
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     shape = data.input_shape
     teacher, record = checked.teacher(inputs["teacher"], data)
     models = {"teacher": teacher}

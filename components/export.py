@@ -50,7 +50,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         in_channels=data.input_shape[0],
     )
     deployable = Deployable(fold_batchnorm(student), data.meta["mean"], data.meta["std"]).eval()
-    images = torch.from_numpy(data.test.images[: p.check_images]).float() / 255.0
+    images = torch.from_numpy(data.images("test", p.check_images)).float() / 255.0
     with torch.no_grad():
         reference = student((images - deployable.mean) / deployable.std).numpy()
 

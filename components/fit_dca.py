@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdc.data import Split, load_prepared, stratified_subset
+from cdc.data import load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, fit_dca
 from cdc.io import atomic_path
 from cdc.models import PrunableNet
@@ -34,12 +34,12 @@ def label_map_for(level: str, groups_path: Path, num_classes: int) -> np.ndarray
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.fit_dca
     runtime = stage_runtime(params, tracker)
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     teacher, record = checked.teacher(inputs["teacher"], data)
     student = checked.pruned(inputs["pruned"], record).to(runtime.device)
     teacher.to(runtime.device)
     keep = stratified_subset(data.train.labels, p.max_images, params.seed)
-    data.train = Split(data.train.images[keep], data.train.labels[keep])
+    data.train = data.train.subset(keep)
     label_map = label_map_for(p.labels, inputs["groups"], data.num_classes)
 
     def fit(model: PrunableNet, who: str) -> tuple[np.ndarray, np.ndarray]:

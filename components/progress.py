@@ -10,5 +10,6 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], desc: str, leave: bool = False) -> Iterable[T]:
-    return tqdm(iterable, desc=desc, leave=leave, unit="batch", disable=None, dynamic_ncols=True)
+def progress(iterable: Iterable[T], desc: str, leave: bool = False, total: int | None = None) -> Iterable[T]:
+    """`total`: the length of an iterable that has none (a generator)."""
+    return tqdm(iterable, desc=desc, leave=leave, total=total, unit="batch", disable=None, dynamic_ncols=True)

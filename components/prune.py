@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdc.data import Batches, Split, load_prepared, stratified_subset
+from cdc.data import load_prepared, stratified_subset
 from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, read_json, save_model, write_json
@@ -99,7 +99,6 @@ def budget_probe(
         return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)
     data = load_prepared(prepared)
     idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
-    val = Split(data.val.images[idx], data.val.labels[idx])
-    batches = Batches(val, data.meta["mean"], data.meta["std"], 500)
+    batches = data.batches(data.val.subset(idx), 500)
     log.info("flops_target: sensitivity analysis on %d validation images", len(idx))
     return silencing_probe(model, layer_scores, batches, lambda w: flops(tuple(w)))

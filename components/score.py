@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 
 from cdc.criteria import get_criterion, taylor_scores, weight_scores
 from cdc.data import load_prepared
+from cdc.errors import InputError
 from cdc.hierarchy import coarse_block_count, coarse_groups
-from cdc.io import atomic_path, load_model, write_json
+from cdc.io import atomic_path, load_model, read_json, write_json
 from cdc.params import Params
 from cdc.scoring import LayerScores, score_layers
 from cdc.stats_table import SCORES_SCHEMA, read_grid_stats, read_stats
@@ -36,7 +37,12 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     classes, matrix = checked.confusion(inputs["confusion"])
     teacher = load_model(inputs["teacher"], "teacher model")[0]
     checked.stats_of(inputs["stats"], stats, teacher, len(classes))
-    if p.coarse_map is not None:
+    if isinstance(p.coarse_map, str):
+        fine_to_coarse, source = (
+            dataset_coarse_map(inputs["prepared"], p.coarse_map, len(classes)),
+            p.coarse_map,
+        )
+    elif p.coarse_map is not None:
         if len(p.coarse_map) != len(classes) or min(p.coarse_map) < 0:
             raise ValueError(
                 f"score.coarse_map must give a group id >= 0 for each of the {len(classes)} classes, "
@@ -90,6 +96,18 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     log.info("scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.criterion, t, groups)
 
 
+def dataset_coarse_map(prepared: Path, name: str, num_classes: int) -> np.ndarray:
+    """A dataset's own grouping of its classes, as `prepare` recorded it from the data's coarse labels."""
+    meta_path = prepared / "meta.json"
+    coarse = read_json(meta_path, "prepared dataset metadata").get("coarse")
+    if coarse is None or coarse["name"] != name or len(coarse["fine_to_coarse"]) != num_classes:
+        raise InputError(
+            f"{meta_path}: the dataset records no {name} for its {num_classes} classes; rerun `cdc prepare`",
+            meta_path,
+        )
+    return np.asarray(coarse["fine_to_coarse"], np.int64)
+
+
 def model_scores(
     params: Params, inputs: dict[str, Path], layers: list[str], tracker: StageTracker
 ) -> list[LayerScores]:
@@ -97,7 +115,7 @@ def model_scores(
     p = params.score
     runtime = stage_runtime(params, tracker)
     teacher = load_model(inputs["teacher"])[0].to(runtime.device)
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     if get_criterion(p.criterion).source == "weights":
         teacher.cpu()
         by_layer = weight_scores(p.criterion, teacher, data.input_shape)

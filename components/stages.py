@@ -32,6 +32,8 @@ class Stage:
     plots: tuple[str, ...] = ()
     persist: tuple[str, ...] = ()  # outputs kept across runs (resume checkpoints), not cached
     flags: dict[str, str] = field(default_factory=dict)  # extra boolean CLI flags -> help
+    # inputs whose path is a param (input name -> dotted params key): dvc.yaml reads it from params.yaml
+    param_paths: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.kinds) != set(self.outputs) or not set(self.kinds.values()) <= set(ARTIFACT_KINDS):
@@ -55,6 +57,7 @@ STAGES: list[Stage] = [
         outputs={"prepared": PREPARED},
         kinds={"prepared": "dataset"},
         params=("seed", "data"),
+        param_paths={"raw": "data.root"},
     ),
     Stage(
         "train_teacher",
@@ -180,9 +183,14 @@ def option(name: str) -> str:
 
 
 def command(stage: Stage) -> str:
-    """The shell command that runs `stage` on its default paths."""
-    args = [f"{option(k)} {v}" for k, v in {**stage.inputs, **stage.outputs}.items()]
+    """The shell command that runs `stage` on its default paths (a param's path as `${key}`, which DVC
+    fills in from params.yaml)."""
+    args = [f"{option(k)} {_dvc_path(stage, k, v)}" for k, v in {**stage.inputs, **stage.outputs}.items()]
     return " ".join(["cdc", stage.name, *args])
+
+
+def _dvc_path(stage: Stage, name: str, default: str) -> str:
+    return f"${{{stage.param_paths[name]}}}" if name in stage.param_paths else default
 
 
 def dvc_yaml() -> dict:
@@ -198,7 +206,7 @@ def dvc_yaml() -> dict:
             outs.append({s.outputs[name]: {"persist": True, "cache": False}})
         entry: dict = {
             "cmd": command(s),
-            "deps": sorted(set(s.inputs.values())),
+            "deps": sorted({_dvc_path(s, k, v) for k, v in s.inputs.items()}),
             "params": list(s.params),
             "outs": outs,
         }

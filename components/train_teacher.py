@@ -14,7 +14,8 @@ import torch
 
 from cdc.data import load_prepared
 from cdc.errors import Preempted
-from cdc.io import save_model, write_json
+from cdc.images import file_md5
+from cdc.io import load_initial_weights, save_model, write_json
 from cdc.models import build_model
 from cdc.params import Params
 from cdc.train import EpochTotals, TrainingDiverged, evaluate, sgd, train_one_epoch, warmup_cosine
@@ -36,9 +37,14 @@ def run(
 ) -> None:
     p = params.train_teacher
     runtime = stage_runtime(params, tracker)
-    data = load_prepared(inputs["prepared"])
+    data = load_prepared(inputs["prepared"], params.data.workers)
     torch.manual_seed(params.seed)
-    model = build_model(p.arch, data.num_classes, data.input_shape[0]).to(runtime.device)
+    model = build_model(p.arch, data.num_classes, data.input_shape[0])
+    if p.init_checkpoint:
+        fresh = load_initial_weights(model, p.init_checkpoint)
+        tracker.set_tags({"cdc.init_checkpoint.md5": file_md5(Path(p.init_checkpoint))})
+        log.info("initial weights from %s%s", p.init_checkpoint, f"; new head {fresh}" if fresh else "")
+    model.to(runtime.device)
     train = data.training_batches(p.batch_size, params.seed, runtime.device, p.augment, p.hflip)
     val = data.batches("val", 512, device=runtime.device)
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)

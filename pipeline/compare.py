@@ -289,7 +289,7 @@ def run_matrix(
     profile = PROFILES[profile_name]
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     done = {(r["method"], r["flops_removed"], r["seed"]) for r in rows}
-    from cdc.data import load_raw
+    from cdc.sources import load_raw
 
     defaults = cell_params(profile, methods[0], 0, 0.0)
     dataset = load_raw(defaults["data"]["dataset"], raw)  # the input shape and class count

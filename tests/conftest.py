@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from cdc.data import Batches, Split, channel_mean_std, load_raw, stratified_subset
+from cdc.data import Batches, Split, channel_mean_std, stratified_subset
+from cdc.sources import load_raw
 from tests.workspace import REPO, TINY, clean_env, make_workspace, run_ok  # noqa: F401 (re-exported)
 
 RAW = Path(os.environ.get("CDC_RAW_ROOT", REPO / "data" / "raw"))
