@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdc import distributed
 from cdc.device import to_device
 from cdc.errors import InputError, reading
 from cdc.images import FileSplit, StreamBatches, decode
@@ -115,36 +116,40 @@ class Batches:
         self.pad = max(1, round(4 * split.images.shape[-1] / 32))
 
     def __len__(self) -> int:
-        share = len(range(self.rank, len(self.labels), self.world))
-        return (share + self.batch_size - 1) // self.batch_size
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() / 255.0 - self.mean) / self.std
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+    def _augment(self, x: torch.Tensor, n: int, mine: slice) -> torch.Tensor:
+        """Crops and flips drawn for all `n` images of the global batch (the same draws on every rank
+        and in a one-process run), applied to this rank's `mine` of them, `x`."""
+        _, _, h, w = x.shape
         p = self.pad
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)[mine]
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)[mine]
         padded = torch.nn.functional.pad(x, (p, p, p, p))  # raw pixels: the border is black
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=self.generator)
         rows = (dy[:, None] + torch.arange(h))[:, :, None].to(x.device)  # n x h x 1
         cols = (dx[:, None] + torch.arange(w))[:, None, :].to(x.device)  # n x 1 x w
-        images = torch.arange(n, device=x.device)[:, None, None]
+        images = torch.arange(len(x), device=x.device)[:, None, None]
         out = padded.permute(0, 2, 3, 1)[images, rows, cols].permute(0, 3, 1, 2)
         if self.hflip:
-            flip = (torch.rand(n, generator=self.generator) < 0.5).to(x.device)
+            flip = (torch.rand(n, generator=self.generator)[mine] < 0.5).to(x.device)
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.contiguous()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Global batches of `batch_size` images; with `shard=(rank, world)` each process takes every
+        world-th image of each, so the processes together see exactly the one-process batches."""
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order[self.rank :: self.world]  # a process's share; every image in exactly one share
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        mine = slice(self.rank, None, self.world)
+        for start in range(0, n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            idx = batch[mine]
             x = to_device(self.images[idx], self.device)
             if self.augment:
-                x = self._augment(x)
+                x = self._augment(x, len(batch), mine)
             yield self._normalize(x), to_device(self.labels[idx], self.device)
 
 
@@ -176,6 +181,7 @@ class Prepared:
         (normalized float images, labels) on `device`, shuffled/augmented/sharded as asked."""
         data = getattr(self, split) if isinstance(split, str) else split
         mean, std = self.meta["mean"], self.meta["std"]
+        kwargs.setdefault("shard", distributed.current().shard)  # launched by torchrun: this rank's share
         if isinstance(data, FileSplit):
             size = self.input_shape[-1]
             return StreamBatches(data, mean, std, batch_size, size, workers=self.workers, **kwargs)  # type: ignore[arg-type]

@@ -15,6 +15,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from cdc import distributed
+
 
 def pooled_features(x: torch.Tensor, pool: int | None) -> torch.Tensor:
     """Flatten a feature map (N x C x H x W) after optional average pooling to a pool x pool grid."""
@@ -168,4 +170,5 @@ def accumulate_scatter(
             acc.update(feats, labels[y])
     if acc is None:
         raise ValueError("no batches to fit DCA on")
+    distributed.all_reduce_sum(acc._counts, acc._sums, acc._gram)  # each process streamed its share
     return acc

@@ -108,22 +108,26 @@ class ImageFiles(Dataset):
             return self.transform(image), int(self.split.labels[i])
 
 
-class _Order(Sampler[tuple[int, int]]):
-    """(index, augmentation seed) pairs of one epoch: all indices (optionally shuffled by `generator`)
-    or a rank's share of them, each with a seed drawn from `generator` too."""
+class _Order(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, augmentation seed) pairs for one epoch: global batches of `batch_size` in
+    order (or shuffled by `generator`, which also draws the seeds), of which a rank takes every
+    world-th pair, as cdc.data.Batches does."""
 
-    def __init__(self, n: int, shuffle: bool, generator: torch.Generator, shard: tuple[int, int]) -> None:
-        self.n, self.shuffle, self.generator, (self.rank, self.world) = n, shuffle, generator, shard
+    def __init__(
+        self, n: int, batch_size: int, shuffle: bool, generator: torch.Generator, shard: tuple[int, int]
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.generator = n, batch_size, shuffle, generator
+        self.rank, self.world = shard
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
+        return (self.n + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**62, (self.n,), generator=self.generator)
-        return iter(
-            zip(order[self.rank :: self.world].tolist(), seeds[self.rank :: self.world].tolist(), strict=True)
-        )
+        pairs = list(zip(order.tolist(), seeds.tolist(), strict=True))
+        for start in range(0, self.n, self.batch_size):
+            yield pairs[start : start + self.batch_size][self.rank :: self.world]
 
 
 class StreamBatches:
@@ -132,7 +136,7 @@ class StreamBatches:
     The epoch's order and every image's augmentation seed come from `generator` (as for in-memory
     batches): the same generator state gives the same batches, whatever the number of workers, so an
     epoch resumed from a checkpoint is redrawn exactly. `shard=(rank, world)` keeps every world-th
-    image from the rank-th.
+    image of each global batch, as cdc.data.Batches does.
     """
 
     def __init__(
@@ -154,11 +158,9 @@ class StreamBatches:
         self.labels = torch.from_numpy(split.labels)
         transform = train_transform(image_size, hflip) if augment else eval_transform(image_size)
         self.generator = torch.Generator().manual_seed(seed)
-        self.sampler = _Order(len(split), shuffle, self.generator, shard)
         self.loader = DataLoader(
             ImageFiles(split, transform),
-            batch_size=batch_size,
-            sampler=self.sampler,
+            batch_sampler=_Order(len(split), batch_size, shuffle, self.generator, shard),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -193,9 +195,9 @@ def decode_all(
 ) -> np.ndarray:
     """Every image of `split` through the evaluation transform, as uint8 N x 3 x size x size; `wrap`
     decorates the batch iterator (a progress bar)."""
-    order = _Order(len(split), False, torch.Generator(), (0, 1))
+    order = _Order(len(split), 256, False, torch.Generator(), (0, 1))
     loader = DataLoader(
-        ImageFiles(split, eval_transform(image_size)), batch_size=256, sampler=order, num_workers=workers
+        ImageFiles(split, eval_transform(image_size)), batch_sampler=order, num_workers=workers
     )
     out = np.empty((len(split), 3, image_size, image_size), np.uint8)
     start = 0

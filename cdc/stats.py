@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cdc import distributed
 from cdc.models import PrunableNet
 
 SCORED_TENSORS = ("post_relu", "pre_relu")
@@ -176,6 +177,13 @@ class StatsCollector:
         gs.s1 += self._onehot_t @ pooled.flatten(1)
         gs.outer += torch.einsum("bcg,bch->cgh", pooled, pooled)
 
+    def all_reduce(self) -> None:
+        """Sum every rank's sums (each streamed its share of the images); nothing in one process."""
+        for st in self._sums.values():
+            distributed.all_reduce_sum(st.n, st.s1, st.s2)
+        for gs in self._grid_sums.values():
+            distributed.all_reduce_sum(gs.n, gs.s1, gs.outer)
+
     def stats(self) -> dict[str, LayerStats]:
         """The statistics so far, keyed by prunable layer name in forward order, on the host."""
         return {name: sums.to_host() for name, sums in self._sums.items()}
@@ -230,6 +238,7 @@ def collect_all_stats(
         for x, y in batches:
             collector.labels = y
             model(x)
+        collector.all_reduce()
     return collector.stats(), collector.grid_stats()
 
 
@@ -238,11 +247,11 @@ def confusion_matrix(
 ) -> np.ndarray:
     """Counts[true, predicted] of an eval-mode pass, counted on the batches' device."""
     model.eval()
-    counts: torch.Tensor | int = 0
+    device = next(model.parameters()).device
+    counts = torch.zeros(num_classes**2, dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in batches:
             pred = model(x).argmax(1)
-            counts = counts + torch.bincount(y * num_classes + pred, minlength=num_classes**2)
-    if isinstance(counts, int):
-        return np.zeros((num_classes, num_classes), np.int64)
+            counts += torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+    distributed.all_reduce_sum(counts)  # each process counted its share
     return counts.cpu().numpy().reshape(num_classes, num_classes)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cdc import distributed
 from cdc.device import CPU, Runtime
 from cdc.errors import InputError
 
@@ -69,11 +70,24 @@ class EpochTotals:
         self.correct = torch.tensor(int(state.get("correct", 0)), dtype=torch.int64, device=device)
 
     def state(self) -> dict[str, float]:
-        loss, correct = self.loss.item(), int(self.correct)
-        return {"steps": self.steps, "seen": self.seen, "loss": loss, "correct": correct}
+        """The sums over every process (a checkpoint's; resumed, rank 0 carries them, the others only
+        the step count: see `resumed`)."""
+        loss, correct, seen = self._summed()
+        return {"steps": self.steps, "seen": seen, "loss": loss, "correct": correct}
+
+    @staticmethod
+    def resumed(state: dict[str, float] | None, is_main: bool) -> dict[str, float] | None:
+        return state if state is None or is_main else {"steps": state["steps"]}
+
+    def _summed(self) -> tuple[float, int, int]:
+        seen = torch.tensor(self.seen, dtype=torch.int64, device=self.loss.device)
+        loss, correct = self.loss.clone(), self.correct.clone()
+        distributed.all_reduce_sum(loss, correct, seen)
+        return loss.item(), int(correct), int(seen)
 
     def result(self) -> EpochResult:
-        return EpochResult(self.loss.item() / max(self.seen, 1), int(self.correct) / max(self.seen, 1))
+        loss, correct, seen = self._summed()
+        return EpochResult(loss / max(seen, 1), correct / max(seen, 1))
 
 
 def train_one_epoch(
@@ -127,15 +141,17 @@ def train_one_epoch(
 def evaluate(model: nn.Module, batches: BatchIterable) -> EpochResult:
     """Full-precision evaluation on the batches' device (accuracy is reported, never autocast)."""
     model.eval()
-    total_loss: torch.Tensor | float = 0.0
-    correct: torch.Tensor | int = 0
-    seen = 0
+    device = next(model.parameters()).device
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in batches:
         logits = model(x)
-        total_loss = total_loss + nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        correct = correct + (logits.argmax(1) == y).sum()
+        total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
         seen += len(y)
-    return EpochResult(float(total_loss) / max(seen, 1), int(correct) / max(seen, 1))
+    distributed.all_reduce_sum(total_loss, correct, seen)  # each process evaluated its share
+    return EpochResult(float(total_loss) / max(int(seen), 1), int(correct) / max(int(seen), 1))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

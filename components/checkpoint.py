@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cdc import distributed
 from cdc.errors import InputError
 from cdc.io import load_torch, save_torch
 from cdc.params import Params
@@ -53,6 +54,10 @@ class Checkpoints:
         state = None
         if self.last.exists() and not self.restart:
             state = load_torch(self.last, "resume checkpoint")
+            if isinstance(state, dict) and "fingerprint" not in state and {"model", "epoch"} <= set(state):
+                # written by a cdc before fingerprints: nothing says it belongs to these params and inputs
+                log.warning("%s predates resume fingerprints: starting over", self.last)
+                state = {"fingerprint": None}
             if not isinstance(state, dict) or "fingerprint" not in state:
                 raise InputError(
                     f"{self.last}: not a resume checkpoint; delete it or pass --restart", self.last
@@ -60,7 +65,8 @@ class Checkpoints:
             if state["fingerprint"] != self.fingerprint:
                 log.info("%s was written under other params or inputs: starting over", self.last)
                 state = None
-        if state is None:
+        distributed.barrier()  # every rank has read last.pt before rank 0 may delete it
+        if state is None and distributed.current().is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
             for old in self.directory.glob("*.pt"):
                 old.unlink()
@@ -68,6 +74,8 @@ class Checkpoints:
 
     def save(self, state: dict[str, Any], epoch: int | None = None) -> None:
         """`state` as `last.pt` (and as `epoch_NNN.pt` at the end of epoch `epoch`)."""
+        if not distributed.current().is_main:  # one writer: every rank holds the same state
+            return
         state = {**state, "fingerprint": self.fingerprint}
         if epoch is not None:
             save_torch(self.directory / f"epoch_{epoch:03d}.pt", state)
@@ -75,13 +83,19 @@ class Checkpoints:
 
     def finish(self) -> None:
         """The run is complete: nothing left to resume (the epoch checkpoints stay)."""
-        self.last.unlink(missing_ok=True)
+        if distributed.current().is_main:
+            self.last.unlink(missing_ok=True)
 
 
 class StopRequest:
     """Set by SIGTERM (a cluster's preemption notice) while the stage trains."""
 
-    requested = False
+    signalled = False
+
+    @property
+    def requested(self) -> bool:
+        """Whether any process of the stage got SIGTERM: all stop at the same step."""
+        return distributed.any_rank(self.signalled)
 
 
 @contextmanager
@@ -91,7 +105,7 @@ def stop_on_sigterm() -> Iterator[StopRequest]:
 
     def handler(signum: int, frame: object) -> None:
         log.warning("SIGTERM: checkpointing at the next step, then stopping")
-        request.requested = True
+        request.signalled = True
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cdc import distributed
 from cdc.errors import PREEMPTED_STATUS, Preempted
 from components.stages import STAGE_BY_NAME, STAGES, Stage, option
 
@@ -54,6 +55,14 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
             )
         for flag, text in stage.flags.items():
             p.add_argument(option(flag), action="store_true", help=text)
+        if stage.distributed:
+            p.add_argument(
+                "--nproc",
+                type=int,
+                default=int(os.environ.get(NPROC_ENV, "1")),
+                help=f"processes to run the stage as, launched by torchrun: one per GPU, or CPU processes "
+                f"with gloo (default: ${NPROC_ENV} or 1; already under torchrun: ignored)",
+            )
         p.set_defaults(stage=stage)
     rp = sub.add_parser(
         "repro",
@@ -68,6 +77,23 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
     for add_parser, _ in (extensions or {}).values():
         add_parser(sub)
     return parser
+
+
+NPROC_ENV = "CDC_NPROC"  # how `dvc repro` runs the distributed stages as several processes
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Rerun this command as `nproc` processes on this machine through torchrun (the stage detects
+    the launch by torchrun's environment); its exit status."""
+    args, skip = [], False
+    for a in argv:  # the same command without --nproc
+        if not skip and a != "--nproc" and not a.startswith("--nproc="):
+            args.append(a)
+        skip = a == "--nproc"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command += ["-m", "pipeline.cli", *args]
+    log.info("launching %d processes: %s", nproc, " ".join(command))
+    return subprocess.run(command, env={**os.environ, NPROC_ENV: "1"}).returncode
 
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> None:
@@ -192,8 +218,9 @@ def summary(metrics_path: Path, params_path: str) -> None:
 def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None = None) -> int:
     extensions = extensions or {}
     args = build_parser(extensions).parse_args(argv)
+    follower = distributed.launched() and int(os.environ.get("RANK", "0")) > 0  # rank 0 speaks for all
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING if follower else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -212,6 +239,8 @@ def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None 
 
             sys.stdout.write(GENERATED_HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=120))
             return 0
+        if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+            return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
         run_stage(args.stage, args)
         return 0
     except (FileNotFoundError, ValueError, KeyError) as err:  # InputError and ParamsError among them

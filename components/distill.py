@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cdc import distributed
 from cdc.data import AnySplit, Prepared, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
 from cdc.errors import Preempted
@@ -34,7 +35,7 @@ from components import inputs as checked
 from components.checkpoint import Checkpoints, failpoint, fingerprint, stop_on_sigterm
 from components.history import record_epoch, write_history
 from components.progress import progress
-from components.runtime import stage_runtime
+from components.runtime import parallel, stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def run(
     outputs: dict[str, Path],
     tracker: StageTracker,
     restart: bool = False,
+    sync_bn: bool = False,
 ) -> None:
     p = params.distill
     runtime = stage_runtime(params, tracker)
@@ -68,7 +70,9 @@ def run(
     checkpoints = Checkpoints(outputs["checkpoints"], fingerprint("distill", params, inputs), restart)
     state = checkpoints.resume()
     if state is None and p.bn_recalibration_batches:  # removed channels shift the next layers' inputs
-        recal = data.batches("train", p.batch_size, shuffle=True, seed=params.seed + 1, device=device)
+        recal = data.batches(  # every rank the same full batches: the same statistics everywhere
+            "train", p.batch_size, shuffle=True, seed=params.seed + 1, device=device, shard=(0, 1)
+        )
         recalibrate_bn(student, recal, p.bn_recalibration_batches)
     train = data.training_batches(p.batch_size, params.seed, device, p.augment, p.hflip)
     val = data.batches("val", 512, device=device)
@@ -85,9 +89,10 @@ def run(
         torch.set_rng_state(state["torch_rng"])
         w_s = state["w_student"].to(device)
         history, start, partial = state["history"], state["epoch"], state["epoch_totals"]
-        parts.update(
-            {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state["parts"].items()}
-        )
+        if distributed.current().is_main:  # the checkpoint's sums are over every rank
+            parts.update(
+                {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state["parts"].items()}
+            )
         at = f" step {partial['steps']}" if partial else ""
         log.info("resumed from %s after epoch %d%s", checkpoints.last, start, at)
 
@@ -99,12 +104,13 @@ def run(
             "generator": generator,  # mid-epoch: the state the epoch started from, to redraw its batches
             "torch_rng": torch.get_rng_state(),
             "w_student": w_s.cpu(),
-            "parts": {k: v.item() for k, v in parts.items()} if totals else {},
+            "parts": summed(parts) if totals else {},
             "history": history,
             "epoch": epoch,
             "epoch_totals": totals.state() if totals else None,
         }
 
+    net = parallel(student, runtime, sync_bn)
     with (
         feature_tap(teacher, layer) as t_tap,
         feature_tap(student, layer) as s_tap,
@@ -115,7 +121,7 @@ def run(
             with torch.no_grad():
                 t_logits = teacher(x)
                 t_proj = pooled_features(t_tap["out"], pool) @ w_t
-            s_logits = student(x)
+            s_logits = net(x)
             s_proj = pooled_features(s_tap["out"], pool) @ w_s
             ce = nn.functional.cross_entropy(s_logits, y)
             kd = kd_loss(s_logits, t_logits, p.temperature)
@@ -142,12 +148,10 @@ def run(
                     raise Preempted(f"distill stopped in epoch {epoch + 1} after step {totals.steps}")
 
             bar = progress(train, f"distill epoch {epoch + 1}/{p.epochs}")
-            totals = EpochTotals(runtime.device, partial)
+            totals = EpochTotals(runtime.device, EpochTotals.resumed(partial, distributed.current().is_main))
             partial = None
             try:
-                tr = train_one_epoch(
-                    student, bar, optimizer, scheduler, step_loss, runtime, totals, after_step
-                )
+                tr = train_one_epoch(net, bar, optimizer, scheduler, step_loss, runtime, totals, after_step)
             except TrainingDiverged as err:
                 raise TrainingDiverged(
                     f"distill epoch {epoch + 1}: {err}; the last good checkpoint is {checkpoints.last} "
@@ -155,7 +159,7 @@ def run(
                 ) from None
             va = evaluate(student, val)
             n = len(data.train)
-            losses = {f"{k}_loss": v.item() / n for k, v in parts.items()}
+            losses = {f"{k}_loss": v / n for k, v in summed(parts).items()}
             record_epoch(history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
             checkpoints.save(snapshot(epoch + 1, train.generator.get_state(), None), epoch + 1)
             failpoint("distill.epoch", epoch + 1)
@@ -167,6 +171,16 @@ def run(
     write_history(outputs["history"], history)
     write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
     checkpoints.finish()
+
+
+def summed(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The loss parts summed over every rank (each summed its share of the batches)."""
+    out = {}
+    for k, v in parts.items():
+        total = v.clone()
+        distributed.all_reduce_sum(total)
+        out[k] = total.item()
+    return out
 
 
 def refit_student_basis(

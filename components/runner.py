@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import importlib
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cdc import distributed
 from cdc.errors import InputError
 from cdc.io import remove
 from cdc.params import Params
 from components.stages import STAGES, Stage
-from components.tracking import stage_run
+from components.tracking import StageTracker, stage_run
 
 
 def execute(
@@ -41,11 +43,35 @@ def execute(
     section = {k: getattr(params, k) for k in stage.params}
     logged = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in section.items()}
     module = importlib.import_module(stage.module)
+    if distributed.launched():
+        if not stage.distributed:
+            names = ", ".join(s.name for s in STAGES if s.distributed)
+            raise InputError(f"stage {stage.name} runs as one process; torchrun/--nproc serves {names}")
+        if int(os.environ.get("RANK", "0")) > 0:
+            return _follow(module, params, inputs, outputs, stage, **flags)
+        tags = {**(tags or {}), "cdc.nproc": os.environ["WORLD_SIZE"]}
     with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags) as tracker:
         start = time.perf_counter()
         with staged(outputs, keep=stage.persist) as staging:
             module.run(params, inputs, staging, tracker, **flags)
         tracker.log_metrics({"timing.stage_s": time.perf_counter() - start})
+
+
+class _Silent:
+    """An MLflow stand-in that records nothing: a follower rank's metrics are rank 0's."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _follow(
+    module: Any, params: Params, inputs: dict[str, Path], outputs: dict[str, Path], stage: Stage, **flags: Any
+) -> None:
+    """A rank > 0 under torchrun: compute alongside rank 0 (its share of the data, its gradients), write
+    nothing: outputs go to a scratch folder, checkpoints are rank 0's to write (components/checkpoint.py)."""
+    with tempfile.TemporaryDirectory(prefix=f"cdc-{stage.name}-rank") as scratch:
+        paths = {n: p if n in stage.persist else Path(scratch) / Path(p).name for n, p in outputs.items()}
+        module.run(params, inputs, paths, StageTracker(_Silent()), **flags)
 
 
 @contextmanager

@@ -15,6 +15,8 @@ TEACHER = "data/teacher/model.pt"
 PRUNED = "data/prune/model.pt"
 RAW = "data/raw"
 RUNTIME = "runtime"  # the params section of the stages that run a model (device, mixed precision)
+RESTART = "ignore the checkpoints of an unfinished run and start over"
+SYNC_BN = "with several CUDA processes (--nproc): SyncBatchNorm, BN statistics over the global batch"
 ARTIFACT_KINDS = ("dataset", "model", "metrics", "markdown", "artifact")
 
 
@@ -34,6 +36,8 @@ class Stage:
     flags: dict[str, str] = field(default_factory=dict)  # extra boolean CLI flags -> help
     # inputs whose path is a param (input name -> dotted params key): dvc.yaml reads it from params.yaml
     param_paths: dict[str, str] = field(default_factory=dict)
+    # runs as several processes under torchrun (`--nproc`): sharded sums or DistributedDataParallel
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if set(self.kinds) != set(self.outputs) or not set(self.kinds.values()) <= set(ARTIFACT_KINDS):
@@ -74,7 +78,8 @@ STAGES: list[Stage] = [
         metrics=("metrics",),
         plots=("history",),
         persist=("checkpoints",),
-        flags={"restart": "ignore the checkpoints of an unfinished run and start over"},
+        flags={"restart": RESTART, "sync_bn": SYNC_BN},
+        distributed=True,
     ),
     Stage(
         "dump_stats",
@@ -87,6 +92,7 @@ STAGES: list[Stage] = [
         },
         kinds={"stats": "dataset", "grid": "dataset", "confusion": "dataset"},
         params=("dump_stats", RUNTIME),
+        distributed=True,
     ),
     Stage(
         "score",
@@ -122,6 +128,7 @@ STAGES: list[Stage] = [
         outputs={"dca": "data/dca/dca.npz"},
         kinds={"dca": "artifact"},
         params=("seed", "fit_dca", RUNTIME),
+        distributed=True,
     ),
     Stage(
         "distill",
@@ -138,7 +145,8 @@ STAGES: list[Stage] = [
         metrics=("metrics",),
         plots=("history",),
         persist=("checkpoints",),
-        flags={"restart": "ignore the checkpoints of an unfinished run and start over"},
+        flags={"restart": RESTART, "sync_bn": SYNC_BN},
+        distributed=True,
     ),
     Stage(
         "evaluate",

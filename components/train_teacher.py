@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cdc import distributed
 from cdc.data import load_prepared
 from cdc.errors import Preempted
 from cdc.images import file_md5
@@ -22,7 +23,7 @@ from cdc.train import EpochTotals, TrainingDiverged, evaluate, sgd, train_one_ep
 from components.checkpoint import Checkpoints, failpoint, fingerprint, stop_on_sigterm
 from components.history import record_epoch, write_history
 from components.progress import progress
-from components.runtime import stage_runtime
+from components.runtime import parallel, stage_runtime
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ def run(
     outputs: dict[str, Path],
     tracker: StageTracker,
     restart: bool = False,
+    sync_bn: bool = False,
 ) -> None:
     p = params.train_teacher
     runtime = stage_runtime(params, tracker)
@@ -77,6 +79,7 @@ def run(
             "epoch_totals": totals.state() if totals else None,
         }
 
+    net = parallel(model, runtime, sync_bn)
     with stop_on_sigterm() as stop:
         for epoch in range(start, p.epochs):
             epoch_start = train.generator.get_state()
@@ -90,11 +93,11 @@ def run(
                     raise Preempted(f"train_teacher stopped in epoch {epoch + 1} after step {totals.steps}")
 
             bar = progress(train, f"teacher epoch {epoch + 1}/{p.epochs}")
-            totals = EpochTotals(runtime.device, partial)
+            totals = EpochTotals(runtime.device, EpochTotals.resumed(partial, distributed.current().is_main))
             partial = None
             try:
                 tr = train_one_epoch(
-                    model, bar, optimizer, scheduler, runtime=runtime, totals=totals, after_step=after_step
+                    net, bar, optimizer, scheduler, runtime=runtime, totals=totals, after_step=after_step
                 )
             except TrainingDiverged as err:
                 raise TrainingDiverged(
