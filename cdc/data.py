@@ -194,7 +194,7 @@ class Prepared:
         device: torch.device,
         augment: bool,
         hflip: bool,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] | None = None,
     ) -> AnyBatches:
         """What a training epoch iterates: the training split shuffled, optionally augmented."""
         return self.batches(
@@ -205,7 +205,7 @@ class Prepared:
             hflip=hflip,
             seed=seed,
             device=device,
-            shard=shard,
+            shard=shard or distributed.current().shard,
         )
 
     def images(self, split: str, n: int) -> np.ndarray:
