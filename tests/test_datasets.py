@@ -17,11 +17,13 @@ import yaml
 from cdc.data import FILES_TABLE, load_prepared
 from cdc.errors import InputError
 from cdc.images import FileSplit, StreamBatches
-from cdc.params import ParamsError, validate_params
+from cdc.params import Params, ParamsError, validate_params
 from cdc.sources import load_raw
 from components.cli import main
 from components.score import dataset_coarse_map
+from tests.conftest import RAW
 from tests.image_tree import make_image_tree, write_cifar10_binary, write_cifar100_python
+from tests.workspace import TINY, make_workspace, run_ok
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -270,3 +272,32 @@ def test_path_params_inside_or_absolute_are_accepted():
     ok = validate_params({"data": {"root": "/srv/images", "dataset": "imagefolder"}}, "p")
     assert ok.data.root == "/srv/images"
     assert validate_params({"data": {"root": "data/raw/../raw"}}, "p").data.root == "data/raw/../raw"
+
+
+def test_dvc_repro_runs_the_whole_pipeline_on_a_streamed_image_tree(tmp_path: Path):
+    """`data.dataset: imagefolder` with `data.root` an absolute path outside the workspace: every stage
+    under `cdc repro`, the images streamed through DataLoader workers; DVC tracks the tree itself."""
+    ws = tmp_path / "ws"
+    env = make_workspace(ws, RAW)
+    tree = make_image_tree(tmp_path / "images", CLASSES, {"train": 40, "val": 8, "test": 10})
+    params = Params.model_validate(
+        {
+            **TINY,
+            "data": {"dataset": "imagefolder", "root": str(tree), "image_size": 32, "storage": "files"},
+            "score": {"n_coarse": 2},
+            "fit_dca": {"max_images": 60, "labels": "fine"},
+        }
+    )
+    (ws / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
+    run_ok(["cdc", "repro"], ws, env)
+    meta = json.loads((ws / "data/prepared/meta.json").read_text())
+    assert meta["storage"] == "files" and meta["root"] == str(tree) and meta["classes"] == CLASSES
+    evaluation = json.loads((ws / "metrics/evaluate.json").read_text())
+    assert {"teacher", "pruned", "student"} <= set(evaluation)
+    assert (ws / "data/export/student.onnx").exists()
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["prepare"]
+    assert [d["path"] for d in lock["deps"]] == [str(tree)] and lock["deps"][0]["nfiles"] == 3 * 58
+    # a changed image is a changed dataset: DVC reruns prepare
+    (tree / "train" / "ant" / "00000.jpg").write_bytes((tree / "train" / "bee" / "00000.jpg").read_bytes())
+    status = run_ok(["dvc", "status", "prepare"], ws, env)
+    assert "modified" in status and str(tree) in status
