@@ -8,14 +8,18 @@ one pipeline run per Kubeflow run, found (or opened by the first task) by the ta
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from cdc.io import read_json
 from cdc.params import Params
+from components.cli import NPROC_ENV
 from components.runner import execute
 from components.stages import STAGE_BY_NAME, STAGES, Stage
 from components.tracking import git_commit, setup_mlflow
@@ -50,7 +54,11 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
         tags["kfp.pod_name"] = os.environ[POD_NAME_ENV]
     parent = pipeline_run(run_id)
     try:
-        execute(stage, params, inputs, outputs, parent_run_id=parent, tags=tags)
+        nproc = processes_for(stage)
+        if nproc > 1:
+            launch_ranks(stage, params, inputs, outputs, parent, tags, nproc)
+        else:
+            execute(stage, params, inputs, outputs, parent_run_id=parent, tags=tags)
     except BaseException:
         _end_pipeline_run(parent, "FAILED")
         raise
@@ -59,6 +67,60 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
             log_kfp_metrics(args[name], read_json(outputs[name]))
     if stage is STAGES[-1]:
         _end_pipeline_run(parent, "FINISHED")
+
+
+def processes_for(stage: Stage) -> int:
+    """One process per GPU of the pod (`gpu_count`) for the stages that run under torchrun;
+    `$CDC_NPROC` overrides (CPU pods, tests)."""
+    if not stage.distributed:
+        return 1
+    import torch
+
+    return int(os.environ.get(NPROC_ENV) or torch.cuda.device_count() or 1)
+
+
+def launch_ranks(
+    stage: Stage,
+    params: Params,
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    parent: str,
+    tags: dict[str, str],
+    nproc: int,
+) -> None:
+    """Run the stage as `nproc` processes through torchrun on this pod: a spec file carries the
+    component's params, paths and MLflow parent and tags to every rank (`python -m pipeline.entry`)."""
+    with tempfile.TemporaryDirectory(prefix="cdc-ranks") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(
+            json.dumps(
+                {
+                    "stage": stage.name,
+                    "params": params.model_dump(),
+                    "inputs": {k: str(v) for k, v in inputs.items()},
+                    "outputs": {k: str(v) for k, v in outputs.items()},
+                    "parent": parent,
+                    "tags": tags,
+                }
+            )
+        )
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        log.info("%s as %d processes (torchrun)", stage.name, nproc)
+        code = subprocess.run(
+            [*command, "-m", "pipeline.entry", str(spec)], env={**os.environ, NPROC_ENV: "1"}
+        )
+        if code.returncode != 0:
+            raise RuntimeError(f"{stage.name}: torchrun exited with status {code.returncode}")
+
+
+def run_spec(spec_path: Path) -> None:
+    """One rank of `launch_ranks`: the stage through `execute` (rank 0 records, the others follow)."""
+    spec = json.loads(spec_path.read_text())
+    stage = STAGE_BY_NAME[spec["stage"]]
+    inputs = {k: Path(v) for k, v in spec["inputs"].items()}
+    outputs = {k: Path(v) for k, v in spec["outputs"].items()}
+    params = Params.model_validate(spec["params"])
+    execute(stage, params, inputs, outputs, parent_run_id=spec["parent"], tags=spec["tags"])
 
 
 def _configure_tracking(args: dict[str, Any]) -> None:
@@ -119,3 +181,8 @@ def log_kfp_metrics(artifact: Any, metrics: dict[str, Any], prefix: str = "") ->
             artifact.log_metric(name, float(value))
         else:
             artifact.metadata[name] = value
+
+
+if __name__ == "__main__":  # a rank launched by `launch_ranks`
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_spec(Path(sys.argv[1]))

@@ -141,3 +141,34 @@ def test_ddp_distillation_agrees_with_its_one_process_twin(run_dir: Path):
             assert float(runs[2][epoch][i]) == pytest.approx(float(runs[1][epoch][i]), rel=0.01), column
     i = header.index("val_acc")
     assert abs(float(runs[1][2][i]) - float(runs[2][2][i])) <= 0.02
+
+
+def test_a_kubeflow_task_runs_its_stage_as_one_process_per_gpu(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The component body's launch (pipeline/entry.py): one torchrun rank per GPU of the pod; here
+    `$CDC_NPROC` stands in for two GPUs (gloo on CPU). One MLflow run, with the task's tags."""
+    import mlflow
+
+    from components.stages import STAGE_BY_NAME
+    from pipeline.entry import launch_ranks, processes_for
+
+    stage = STAGE_BY_NAME["dump_stats"]
+    monkeypatch.setenv("CDC_NPROC", "2")
+    assert processes_for(stage) == 2 and processes_for(STAGE_BY_NAME["prune"]) == 1
+    monkeypatch.chdir(run_dir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{run_dir / 'kfp.db'}")
+    params = Params.model_validate(yaml.safe_load((run_dir / "params.yaml").read_text()))
+    inputs = {k: run_dir / v for k, v in stage.inputs.items()}
+    outputs = {k: run_dir / "kfp" / Path(v).name for k, v in stage.outputs.items()}
+    launch_ranks(stage, params, inputs, outputs, None, {"kfp.run_id": "run-1"}, 2)  # type: ignore[arg-type]
+    one, two = read_stats(run_dir / "data/stats/stats.parquet"), read_stats(outputs["stats"])
+    for name in one:
+        assert relative_difference(one[name].s2, two[name].s2) < 1e-10
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'kfp.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (
+        len(runs) == 1
+        and runs[0].data.tags["kfp.run_id"] == "run-1"
+        and runs[0].data.tags["cdc.nproc"] == "2"
+    )
