@@ -19,7 +19,7 @@ import torch
 from cdc import distributed
 from cdc.device import to_device
 from cdc.errors import InputError, reading
-from cdc.images import FileSplit, StreamBatches, decode
+from cdc.images import FileSplit, StreamBatches, decode, eval_transform
 
 
 @dataclass
@@ -212,8 +212,6 @@ class Prepared:
         """The first `n` images of a split as uint8 N x C x H x W, as evaluation sees them."""
         data = getattr(self, split)
         if isinstance(data, FileSplit):
-            from cdc.images import eval_transform
-
             crop = eval_transform(self.input_shape[-1])
             return np.stack([crop(decode(data.root / f)).numpy() for f in data.files[:n]])
         return data.images[:n]

@@ -56,7 +56,8 @@ class Stage:
 STAGES: list[Stage] = [
     Stage(
         "prepare",
-        "Split the raw dataset into train/validation/test .npz files with normalization metadata.",
+        "Split the raw dataset (data.root) into train/validation/test with normalization metadata: .npz "
+        "arrays, or for a large image folder the list of its files with md5s (streamed by later stages).",
         inputs={"raw": RAW},
         outputs={"prepared": PREPARED},
         kinds={"prepared": "dataset"},
