@@ -67,7 +67,7 @@ image:  ## build components/Dockerfile as IMAGE=registry/name:tag and push it (n
 ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-BENCHES := stats_overhead train_overhead student_speedup pipeline_overhead scale
+BENCHES := stats_overhead train_overhead student_speedup pipeline_overhead scale stream_stats
 bench: $(BIN)/cdc data  ## performance benchmarks (each prints a table, writes bench/results/*.json), then the summary
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; echo; done
 	@$(BIN)/python -m bench.summary

@@ -79,3 +79,15 @@ def test_missing_dataset_says_where_and_how(tmp_path: Path, caplog: pytest.LogCa
     assert main(["prepare", "--raw", "empty", "--prepared", "prepared"]) == 2
     assert "FashionMNIST/raw" in caplog.text and "make data" in caplog.text
     assert not Path("prepared").exists()
+
+
+def test_a_checkpoint_from_before_fingerprints_is_not_resumed(tmp_path: Path):
+    """A `last.pt` an older cdc wrote (model and epoch, no fingerprint) cannot be matched to these params
+    and inputs: the stage starts over (it used to stop `dvc repro` with 'pass --restart')."""
+    from cdc.io import save_torch
+    from components.checkpoint import Checkpoints
+
+    save_torch(tmp_path / "last.pt", {"model": {}, "epoch": 3, "history": []})
+    save_torch(tmp_path / "epoch_003.pt", {"model": {}, "epoch": 3})
+    assert Checkpoints(tmp_path, "fingerprint-of-now").resume() is None
+    assert list(tmp_path.iterdir()) == []
