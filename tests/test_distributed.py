@@ -172,3 +172,29 @@ def test_a_kubeflow_task_runs_its_stage_as_one_process_per_gpu(
         and runs[0].data.tags["kfp.run_id"] == "run-1"
         and runs[0].data.tags["cdc.nproc"] == "2"
     )
+
+
+def test_a_killed_ddp_teacher_resumes_to_the_uninterrupted_weights(run_dir: Path):
+    """Both ranks killed (SIGKILL) after epoch 1's checkpoint; the rerun, again two processes, resumes
+    from rank 0's checkpoint and ends with the weights of an uninterrupted two-process run."""
+    two_epochs = yaml.safe_load((run_dir / "params.yaml").read_text())
+    two_epochs["train_teacher"]["epochs"] = 2
+    (run_dir / "p2.yaml").write_text(yaml.safe_dump(two_epochs))
+
+    def train(out: str, failpoint: str | None = None) -> int:
+        env = clean_env(run_dir / "mlflow.db")
+        if failpoint:
+            env["CDC_FAILPOINT"] = failpoint
+        args = ["train_teacher", "--nproc", "2", "--params", "p2.yaml", "--model", f"{out}.pt"]
+        args += ["--checkpoints", f"{out}_ck", "--history", f"{out}.csv", "--metrics", f"{out}.json"]
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=run_dir, env=env).returncode
+
+    assert train("full") == 0
+    assert train("cut", "train_teacher.epoch:1") != 0
+    assert sorted(p.name for p in (run_dir / "cut_ck").iterdir()) == ["epoch_001.pt", "last.pt"]
+    assert train("cut") == 0
+    full, _ = load_model(run_dir / "full.pt")
+    resumed, _ = load_model(run_dir / "cut.pt")
+    for (key, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert (run_dir / "full.csv").read_text() == (run_dir / "cut.csv").read_text()
