@@ -91,3 +91,29 @@ def test_a_checkpoint_from_before_fingerprints_is_not_resumed(tmp_path: Path):
     save_torch(tmp_path / "epoch_003.pt", {"model": {}, "epoch": 3})
     assert Checkpoints(tmp_path, "fingerprint-of-now").resume() is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_teacher_starts_from_init_checkpoint(tiny: Path, caplog: pytest.LogCaptureFixture):
+    """train_teacher.init_checkpoint: a state dict (here a torchvision-style one, `module.` prefixes of a
+    DDP save included) starts the teacher; with a vanishing lr the trained weights are those weights."""
+    import mlflow
+
+    from cdc.models import build_model
+
+    caplog.set_level("INFO")
+    torch.manual_seed(123)
+    start = build_model("resnet20", 10, 1).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in start.items()}}, "start.pth")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train_teacher"].update(init_checkpoint="start.pth", lr=1e-12, epochs=1, warmup_epochs=0)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert _train("init") == 0
+    trained = torch.load("init/model.pt", weights_only=True)["state_dict"]
+    for key in ("conv1.weight", "layer3.2.conv2.weight", "fc.weight"):
+        torch.testing.assert_close(trained[key], start[key], rtol=0, atol=1e-9)
+    assert "initial weights from start.pth" in caplog.text
+    run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`cdc.stage` = 'train_teacher'")
+    assert (
+        run["tags.cdc.init_checkpoint.md5"].iloc[0]
+        == __import__("hashlib").md5(Path("start.pth").read_bytes()).hexdigest()
+    )
