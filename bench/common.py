@@ -57,3 +57,17 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def stage_seconds(db: Path, stage: str) -> float:
+    """`timing.stage_s` of the newest MLflow run of `stage` (rank 0's) in the store `db`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`cdc.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return float(runs["metrics.timing.stage_s"].iloc[0])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import markdown_table, reported, target, write_result
+from bench.common import markdown_table, reported, stage_seconds, target, write_result
 from components.stages import STAGES
 from tests.workspace import REPO, make_workspace
 
@@ -35,19 +35,6 @@ def sh(args: list[str] | str, cwd: Path, env: dict[str, str]) -> float:
     if proc.returncode:
         sys.exit(f"{args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return elapsed
-
-
-def stage_seconds(ws: Path, stage: str) -> float:
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`cdc.stage` = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return float(runs["metrics.timing.stage_s"].iloc[0])
 
 
 def main() -> None:
@@ -84,7 +71,7 @@ def main() -> None:
             walls, bodies = [], []
             for _ in range(args.repeats):
                 walls.append(sh(commands[stage.name], ws, env))
-                bodies.append(stage_seconds(ws, stage.name))
+                bodies.append(stage_seconds(ws / "mlflow.db", stage.name))
             wall, body = statistics.median(walls), statistics.median(bodies)
             stages.append({"stage": stage.name, "wall_s": wall, "body_s": body, "overhead_s": wall - body})
     print(f"first run of the tiny pipeline: {t_first:.1f} s\n")

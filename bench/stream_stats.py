@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import markdown_table, reported, target, write_result
+from bench.common import markdown_table, reported, stage_seconds, target, write_result
 from cdc.io import save_model
 from cdc.models import build_model
 from tests.image_tree import make_image_tree
@@ -49,20 +49,6 @@ def run_measured(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return wall, int(proc.stdout.strip().splitlines()[-1]) // 1024
-
-
-def stage_seconds(db: Path, stage: str) -> float:
-    """`timing.stage_s` of the newest MLflow run of `stage` (rank 0's) in the store `db`."""
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`cdc.stage` = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return float(runs["metrics.timing.stage_s"].iloc[0])
 
 
 def main() -> None:
