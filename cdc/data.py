@@ -235,7 +235,8 @@ def load_prepared(root: Path, workers: int = 2) -> Prepared:
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise InputError(f"{meta_path}: keys {missing} missing; rerun `cdc prepare`", meta_path)
-    if meta.get("storage") == "files":
+    streamed = meta.get("storage") == "files"
+    if streamed:
         splits = _file_splits(root, meta)
     else:
         splits = {}
@@ -250,8 +251,9 @@ def load_prepared(root: Path, workers: int = 2) -> Prepared:
                     f"{meta['input_shape']}; rerun `cdc prepare`",
                     path,
                 )
-    for name in SPLITS:
-        check_classes(splits[name], meta["classes"], f"{root} ({name} split)", every_class=name == "train")
+    for name in SPLITS:  # the file the split's labels come from
+        where = f"{root / FILES_TABLE} ({name} split)" if streamed else str(root / f"{name}.npz")
+        check_classes(splits[name], meta["classes"], where, every_class=name == "train")
     return Prepared(splits["train"], splits["val"], splits["test"], meta, workers)
 
 
