@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +60,12 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--arch", default="resnet20")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cdc-stream-bench"))
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "cdc-stream-bench",
+        help="where the generated images and the runs go (default: the system's temporary directory)",
+    )
     args = ap.parse_args()
 
     work = args.workdir.resolve()

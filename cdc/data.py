@@ -196,7 +196,9 @@ class Prepared:
         hflip: bool,
         shard: tuple[int, int] | None = None,
     ) -> AnyBatches:
-        """What a training epoch iterates: the training split shuffled, optionally augmented."""
+        """What a training epoch iterates: the training split shuffled, optionally augmented; this
+        torchrun rank's share unless `shard` says otherwise."""
+        kwargs = {} if shard is None else {"shard": shard}
         return self.batches(
             "train",
             batch_size,
@@ -205,7 +207,7 @@ class Prepared:
             hflip=hflip,
             seed=seed,
             device=device,
-            shard=shard or distributed.current().shard,
+            **kwargs,
         )
 
     def images(self, split: str, n: int) -> np.ndarray:

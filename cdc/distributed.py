@@ -45,6 +45,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_follower() -> bool:
+    """Whether this process is a torchrun rank other than 0 (known from the environment, before `init`)."""
+    return launched() and int(os.environ.get("RANK", "0")) > 0
+
+
 def init(device: torch.device | None = None) -> Group:
     """Join the process group torchrun set up (idempotent); a plain process gets Group()."""
     global _GROUP

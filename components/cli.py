@@ -90,8 +90,14 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if not skip and a != "--nproc" and not a.startswith("--nproc="):
             args.append(a)
         skip = a == "--nproc"
+    return torchrun(nproc, ["pipeline.cli", *args])
+
+
+def torchrun(nproc: int, module_args: list[str]) -> int:
+    """`python -m <module_args>` as `nproc` processes on this machine (torchrun, standalone rendezvous);
+    the exit status. The ranks see CDC_NPROC=1, so none launches again."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command += ["-m", "pipeline.cli", *args]
+    command += ["-m", *module_args]
     log.info("launching %d processes: %s", nproc, " ".join(command))
     return subprocess.run(command, env={**os.environ, NPROC_ENV: "1"}).returncode
 
@@ -218,7 +224,7 @@ def summary(metrics_path: Path, params_path: str) -> None:
 def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None = None) -> int:
     extensions = extensions or {}
     args = build_parser(extensions).parse_args(argv)
-    follower = distributed.launched() and int(os.environ.get("RANK", "0")) > 0  # rank 0 speaks for all
+    follower = distributed.is_follower()  # rank 0 speaks for all
     logging.basicConfig(
         level=logging.WARNING if follower else logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

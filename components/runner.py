@@ -47,7 +47,7 @@ def execute(
         if not stage.distributed:
             names = ", ".join(s.name for s in STAGES if s.distributed)
             raise InputError(f"stage {stage.name} runs as one process; torchrun/--nproc serves {names}")
-        if int(os.environ.get("RANK", "0")) > 0:
+        if distributed.is_follower():
             return _follow(module, params, inputs, outputs, stage, **flags)
         tags = {**(tags or {}), "cdc.nproc": os.environ["WORLD_SIZE"]}
     with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags) as tracker:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from cdc.io import read_json
 from cdc.params import Params
-from components.cli import NPROC_ENV
+from components.cli import NPROC_ENV, torchrun
 from components.runner import execute
 from components.stages import STAGE_BY_NAME, STAGES, Stage
 from components.tracking import git_commit, setup_mlflow
@@ -104,13 +103,9 @@ def launch_ranks(
                 }
             )
         )
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        log.info("%s as %d processes (torchrun)", stage.name, nproc)
-        code = subprocess.run(
-            [*command, "-m", "pipeline.entry", str(spec)], env={**os.environ, NPROC_ENV: "1"}
-        )
-        if code.returncode != 0:
-            raise RuntimeError(f"{stage.name}: torchrun exited with status {code.returncode}")
+        code = torchrun(nproc, ["pipeline.entry", str(spec)])
+        if code != 0:
+            raise RuntimeError(f"{stage.name}: torchrun exited with status {code}")
 
 
 def run_spec(spec_path: Path) -> None:
