@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
 from pathlib import Path
@@ -52,12 +52,32 @@ class Method:
     fine_tune: str  # a FINE_TUNES key
     data_free: bool  # scores without data (the baselines the paired comparison is against)
     label: str
+    overrides: dict = field(default_factory=dict)  # params over the cell's (candidate defaults)
+
+    def prunes_like(self, other: Method) -> bool:
+        """Whether the two prune the same channels (they differ at most in the fine-tune)."""
+        return (self.criterion, self.hierarchy, self.overrides) == (
+            other.criterion,
+            other.hierarchy,
+            other.overrides,
+        )
 
 
 METHODS = [
     Method("cdc", "symdiv", True, "kd_dca", False, "CDC: hierarchical symdiv + KD + DCA"),
     Method("symdiv_flat", "symdiv", False, "kd_dca", False, "symdiv without hierarchy"),
     Method("cdc_no_dca", "symdiv", True, "kd", False, "CDC without DCA (KD only)"),
+    Method("cdc_ce", "symdiv", True, "ce", False, "CDC pruning, cross-entropy-only fine-tune"),
+    Method("cdc_eps", "symdiv", True, "kd_dca", False, "CDC with symdiv ε 0.5", {"score": {"eps": 0.5}}),
+    Method(
+        "cdc_bn_batch",
+        "symdiv",
+        True,
+        "kd_dca",
+        False,
+        "CDC, batch-statistics BN in the statistics pass",
+        {"dump_stats": {"bn_mode": "batch"}},
+    ),  # fmt: skip
     Method("fisher", "fisher", True, "kd_dca", False, "Fisher ratio (hierarchical)"),
     Method("di", "di", True, "kd_dca", False, "DI, pooled 4x4 grid (hierarchical)"),
     Method("l1", "l1", False, "kd_dca", True, "filter L1 norm"),
@@ -69,11 +89,12 @@ METHOD_BY_NAME = {m.name: m for m in METHODS}
 
 # Profiles: the params every cell shares, the FLOPs removed per budget, the budgets whose cells are
 # fine-tuned (elsewhere `distill.epochs: 0`: the pruned model only, so methods that differ only in
-# their fine-tune share one cell), the teacher seeds.
+# their fine-tune share one cell), the methods fine-tuned at every budget, the teacher seeds.
 PROFILES: dict[str, dict] = {
     "default": {
         "about": "2-core CPU, about 90 min: ResNet-20 on 12,000 Fashion-MNIST images, 8-epoch teachers; "
-        "every method pruned at every budget, fine-tuned (2 epochs) at the middle budget",
+        "every method pruned at every budget and fine-tuned (2 epochs) at the middle one; CDC, the candidate "
+        "default and the baselines fine-tuned at every budget",
         "params": {
             "data": {"dataset": "fashion_mnist", "train_limit": 12000, "val_size": 2000, "test_limit": 5000},
             "train_teacher": {"arch": "resnet20", "epochs": 8},
@@ -83,6 +104,7 @@ PROFILES: dict[str, dict] = {
         },
         "flops_removed": [0.40, 0.55, 0.70],
         "finetune_removed": [0.55],
+        "finetune_everywhere": ["cdc", "cdc_eps", "l1", "bn_gamma", "taylor", "random"],
         "seeds": [0, 1, 2],
     },
     "tiny": {
@@ -97,6 +119,7 @@ PROFILES: dict[str, dict] = {
         },
         "flops_removed": [0.5, 0.6],
         "finetune_removed": [0.5],
+        "finetune_everywhere": ["l1"],
         "seeds": [0],
     },
     "full": {
@@ -109,6 +132,7 @@ PROFILES: dict[str, dict] = {
         },
         "flops_removed": [0.40, 0.55, 0.70],
         "finetune_removed": [0.40, 0.55, 0.70],
+        "finetune_everywhere": [],
         "seeds": [0, 1, 2],
     },
 }
@@ -149,7 +173,7 @@ def cell_params(profile: dict, method: Method, seed: int, ratio: float, fine_tun
     from cdc.params import Params
 
     over = merge(
-        profile["params"],
+        merge(profile["params"], method.overrides),
         {
             "seed": seed,
             "score": {"criterion": method.criterion, "hierarchy": method.hierarchy},
@@ -160,19 +184,23 @@ def cell_params(profile: dict, method: Method, seed: int, ratio: float, fine_tun
     return Params.model_validate(over).model_dump()
 
 
+def fine_tuned_at(profile: dict, method: Method, removed: float) -> bool:
+    return removed in profile["finetune_removed"] or method.name in profile.get("finetune_everywhere", ())
+
+
 def cells(profile: dict, methods: list[Method]) -> list[tuple[Method, float, bool]]:
     """(method, FLOPs removed, fine-tuned) of one teacher, methods outer (a method's scores serve all
-    its budgets); without fine-tune, methods that differ only in their fine-tune share one cell."""
+    its budgets), the fine-tunes outside the profile's fine-tuned budgets last (the longest part, which
+    an interrupted comparison can resume later); without fine-tune, methods that differ only in their
+    fine-tune share one cell."""
     out = []
     for m in methods:
         for removed in profile["flops_removed"]:
-            fine_tune = removed in profile["finetune_removed"]
-            pruning_twin = any(
-                o.criterion == m.criterion and o.hierarchy == m.hierarchy for o in methods[: methods.index(m)]
-            )
+            fine_tune = fine_tuned_at(profile, m, removed)
+            pruning_twin = any(m.prunes_like(o) for o in methods[: methods.index(m)])
             if fine_tune or not pruning_twin:
                 out.append((m, removed, fine_tune))
-    return out
+    return sorted(out, key=lambda c: c[2] and c[1] not in profile["finetune_removed"])
 
 
 def copy_repository(ws: Path, skip: tuple[str, ...] = ()) -> None:
@@ -288,7 +316,8 @@ def run_matrix(
     `workspace`), `jobs` at a time, each with an equal share of the CPU threads."""
     profile = PROFILES[profile_name]
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
-    done = {(r["method"], r["flops_removed"], r["seed"]) for r in rows}
+    # a pruned-only row is done unless the profile now fine-tunes that cell (the fine-tuned row replaces it)
+    done = {(r["method"], r["flops_removed"], r["seed"], r.get("fine_tuned", True)) for r in rows}
     from cdc.sources import load_raw
 
     defaults = cell_params(profile, methods[0], 0, 0.0)
@@ -316,13 +345,25 @@ def run_matrix(
         env = make_workspace(ws, raw)
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         for method, removed, fine_tune in per_teacher:
-            if (method.name, removed, seed) in done:
+            if (method.name, removed, seed, fine_tune) in done:
                 continue
             ratio = ratios[removed]
             row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
             row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
             row.update(fine_tuned=fine_tune)
             with lock:
+                replaced = [
+                    r
+                    for r in rows
+                    if (r["method"], r["flops_removed"], r["seed"]) == (method.name, removed, seed)
+                ]
+                for old in replaced:  # the same pruning again: a check that the cell reproduces
+                    log.info(
+                        "seed %d, %s, %.0f%%: pruned test accuracy %.4f%% before, %.4f%% now",
+                        seed, method.name, 100 * removed, 100 * old["pruned_test"], 100 * row["pruned_test"],
+                    )  # fmt: skip
+                    row["replaces_pruned_test"] = old["pruned_test"]
+                    rows.remove(old)
                 rows.append(row)
                 rows_path.parent.mkdir(parents=True, exist_ok=True)
                 rows_path.write_text(json.dumps(rows, indent=1))
@@ -343,6 +384,49 @@ def run_matrix(
         for future in [pool.submit(worker, seed) for seed in profile["seeds"]]:
             future.result()
     return rows
+
+
+def measure_latency(
+    profile: dict, rows: list[dict], raw: Path, batch_sizes: tuple[int, ...] = (1, 64), rounds: int = 30
+) -> dict[str, dict]:
+    """Speed-up over the teacher of each budget's pruned architecture, BN folded, timed after the cells
+    (nothing else running) on all cores: latency depends on the widths only, and within a budget every
+    method has the same widths, so one measurement per budget serves all its methods."""
+    import torch
+
+    from cdc.inference import inference_forward
+    from cdc.latency import compare_latency, threads
+    from cdc.models import build_model
+    from cdc.sources import load_raw
+
+    defaults = cell_params(profile, METHODS[0], 0, 0.0)
+    dataset = load_raw(defaults["data"]["dataset"], raw)
+    arch, shape, n_classes = (
+        defaults["train_teacher"]["arch"],
+        dataset.train.images.shape[1:],
+        len(dataset.classes),
+    )
+    out: dict[str, dict] = {}
+    with threads(os.cpu_count()) as n_threads:
+        for removed in sorted({r["flops_removed"] for r in rows}):
+            widths = {tuple(r["widths"]) for r in rows if r["flops_removed"] == removed}
+            if len(widths) != 1:
+                raise ValueError(f"{removed:.0%} fewer FLOPs: the methods' widths differ ({sorted(widths)})")
+            torch.manual_seed(0)
+            models = {
+                "teacher": build_model(arch, n_classes, shape[0]),
+                "pruned": build_model(arch, n_classes, shape[0], list(widths.pop())),
+            }
+            entry: dict = {"threads": n_threads, "form": "folded", "rounds": rounds}
+            for bs in batch_sizes:
+                x = torch.randn(bs, *shape)
+                forwards = {n: inference_forward(m, "folded", x, n_threads) for n, m in models.items()}
+                lat = compare_latency(forwards, rounds=rounds)["pruned"]
+                entry[f"b{bs}"] = {"speedup": lat.speedup, "spread": lat.spread, "ms": lat.ms}
+            out[str(removed)] = entry
+            speedups = ", ".join(f"b{bs} {entry[f'b{bs}']['speedup']:.2f}x" for bs in batch_sizes)
+            log.info("%.0f%% fewer FLOPs: speed-up %s", 100 * removed, speedups)
+    return out
 
 
 def cpu_model() -> str:
@@ -403,6 +487,10 @@ def run_compare(args: argparse.Namespace) -> int:
         jobs = args.jobs or len(profile["seeds"])
         run_matrix(args.profile, methods, args.workspace.resolve(), rows_path, args.raw.resolve(), jobs)
     rows = json.loads(rows_path.read_text())
+    latency_path = rows_path.with_name(f"compare_{args.profile}_latency.json")
+    if not args.report_only:
+        latency_path.write_text(json.dumps(measure_latency(profile, rows, args.raw.resolve()), indent=1))
+    latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
     command = f"cdc compare --profile {args.profile}" + (
         "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
     )
@@ -413,7 +501,9 @@ def run_compare(args: argparse.Namespace) -> int:
         "profile": args.profile,
         "about": profile["about"],
         "finetune_removed": profile["finetune_removed"],
+        "finetune_everywhere": [m for m in profile.get("finetune_everywhere", []) if m in args.methods],
         "params": profile["params"],
+        "latency": latency,
     }
     write_report(rows, [m for m in METHODS if m.name in args.methods], args.out, meta)
     log.info("wrote %s", args.out)

@@ -31,12 +31,19 @@ def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
     return cells
 
 
-def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
+def _speedup(latency: dict, removed: float) -> str:
+    entry = latency.get(str(removed), {})
+    parts = [f"{v['speedup']:.2f}x ± {v['spread']:.2f}" for k, v in entry.items() if k.startswith("b")]
+    return " / ".join(parts) or "–"
+
+
+def method_table(rows: list[dict], methods: list, budgets: list[float], latency: dict) -> str:
     cells = _by_cell(rows)
+    sizes = " / ".join(k for k in next(iter(latency.values()), {}) if k.startswith("b")) or "–"
     lines = [
         "| FLOPs cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
-        "student test acc (%) | Δ student − teacher (points) | params cut | teachers |",
-        "|---|---|---|---|---|---|---|---|",
+        f"student test acc (%) | Δ student − teacher (points) | params cut | speed-up {sizes} | teachers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for removed in budgets:
         for m in methods:
@@ -52,20 +59,22 @@ def method_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
                 f"{_mean_std([r['pruned_test'] for r in runs])} | "
                 f"{_mean_std([r['pruned_val'] for r in runs])} | "
                 f"{_mean_std([r['student_test'] for r in tuned])} | {delta_text} | "
-                f"{100 * (1 - runs[0]['params_ratio']):.1f}% | {len(runs)} |"
+                f"{100 * (1 - runs[0]['params_ratio']):.1f}% | {_speedup(latency, removed)} | {len(runs)} |"
             )
     return "\n".join(lines)
 
 
-def speedup_line(rows: list[dict], budgets: list[float]) -> str:
-    """Median student speed-up per budget over the cells that ran `evaluate` (every method of a budget
-    has the same widths, so one figure per budget)."""
-    parts = []
-    for removed in budgets:
-        speed = [v for r in rows if r["flops_removed"] == removed for v in r["speedup"].values()]
-        if speed:
-            parts.append(f"{100 * removed:.0f}% fewer FLOPs: {np.median(speed):.2f}x ({len(speed)} cells)")
-    return "; ".join(parts)
+def latency_text(latency: dict) -> str:
+    if not latency:
+        return "Speed-ups were not measured (run the comparison without `--report-only`)."
+    entry = next(iter(latency.values()))
+    return (
+        "Speed-up: the pruned architecture's latency against the teacher's, BN folded, timed by "
+        f"`cdc.latency` ({entry['rounds']} interleaved rounds, {entry['threads']} threads, median of the "
+        "per-round ratios ± half their interquartile range) after all cells had finished, with nothing "
+        "else running. Latency depends on the widths only and every method of a budget has the same "
+        "widths, so one measurement per budget serves all its methods."
+    )
 
 
 def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
@@ -231,12 +240,26 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
     name = meta["profile"]
     plot(rows, methods, "pruned_test", f"{STAGES['pruned_test']}, mean ± std over teachers",
          plot_dir / f"{name}_pruned_test.png")  # fmt: skip
-    tuned = meta.get("finetune_removed") or sorted({r["flops_removed"] for r in rows if fine_tuned(r)})
-    if len(tuned) > 1:
-        plot(rows, methods, "student_test", "after fine-tune, mean ± std over teachers",
+    # curves for the methods fine-tuned at several budgets, every method at the budgets all are fine-tuned at
+    curves = [
+        m
+        for m in methods
+        if len({r["flops_removed"] for r in rows if r["method"] == m.name and fine_tuned(r)}) > 1
+    ]
+    plots = [f"![after pruning](results/{name}_pruned_test.png)"]
+    if curves:
+        plot(rows, curves, "student_test", "after fine-tune, mean ± std over teachers",
              plot_dir / f"{name}_student_test.png")  # fmt: skip
-    else:
-        plot_fine_tuned(rows, methods, tuned, plot_dir / f"{name}_student_test.png")
+        plots.append(f"![after fine-tune](results/{name}_student_test.png)")
+    common = meta.get("finetune_removed") or []
+    if common:
+        plot_fine_tuned(rows, methods, common, plot_dir / f"{name}_student_test_all.png")
+        plots.append(f"![after fine-tune, every method](results/{name}_student_test_all.png)")
+    latency = meta.get("latency", {})
+    tuned_budgets = ", ".join(f"{100 * b:.0f}%" for b in common) or "no budget"
+    everywhere = (
+        ", ".join(m.label for m in methods if m.name in meta.get("finetune_everywhere", [])) or "no method"
+    )
     teachers = {r["seed"]: r["teacher_test"] for r in rows}
     wall = sum(r["wall_s"] for r in rows)
     jobs = len(teachers)
@@ -252,8 +275,10 @@ Each fine-tuned cell is a `dvc repro` of the whole pipeline; a cell without fine
 test pins them to the stage's output). Within a budget every method prunes to the *same widths* (one
 uniform per-layer ratio solved for the FLOPs target), so FLOPs and params are identical across
 methods; every fine-tuned method gets the same fine-tune (epochs, schedule, seed): KD + DCA as in
-CDC, except "CDC without DCA" (KD only). Teachers' test accuracy: {teacher_text}. Accuracies are
-mean ± std over the teachers; Δ is computed per teacher, then averaged.
+CDC, except "CDC without DCA" (KD only) and the cross-entropy-only row (labels only: the three
+distillation modes of the ablation on the same pruned models). Every method is fine-tuned at
+{tuned_budgets} fewer FLOPs; {everywhere} at every budget. Teachers' test accuracy: {teacher_text}.
+Accuracies are mean ± std over the teachers; Δ is computed per teacher, then averaged.
 
 Profile params over the defaults:
 
@@ -263,10 +288,9 @@ Profile params over the defaults:
 
 ## Accuracy per method and budget
 
-{method_table(rows, methods, budgets)}
+{method_table(rows, methods, budgets, latency)}
 
-Student speed-up at batch 64 (BN folded; measured while the other teachers' cells ran, so
-indicative only; docs/performance.md has the uncontended figures): {speedup_line(rows, budgets)}.
+{latency_text(latency)}
 
 ## Paired with the best data-free baseline
 
@@ -278,8 +302,7 @@ teachers of the difference in test accuracy.
 
 ## Plots
 
-![after pruning](results/{name}_pruned_test.png)
-![after fine-tune](results/{name}_student_test.png)
+{chr(10).join(plots)}
 """
     notes = out.parent / "results_notes.md"  # the hand-written reading of the tables, kept with them
     factors = Path(__file__).resolve().parents[1] / "bench" / "results" / "ranking_factors.json"

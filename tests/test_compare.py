@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
+from pipeline.compare import cells as cells_of
 from tests.conftest import RAW, REPO, clean_env, run_ok
 
 pytestmark = pytest.mark.e2e
@@ -31,29 +32,62 @@ def test_uniform_ratio_for_meets_each_budget_within_a_percent():
         assert abs(kept - (1 - removed)) <= 0.01, (removed, ratio, kept)
 
 
+def test_cells_fine_tune_every_budget_for_the_named_methods_last_and_share_pruned_only_twins():
+    profile = PROFILES["default"]
+    methods = [METHOD_BY_NAME[m] for m in ("cdc", "cdc_no_dca", "cdc_ce", "cdc_eps", "l1", "fisher")]
+    cells = [(m.name, removed, tuned) for m, removed, tuned in cells_of(profile, methods)]
+    # the KD-only and CE-only rows prune like CDC: only their fine-tuned cells run
+    assert [c for c in cells if c[0] in ("cdc_no_dca", "cdc_ce")] == [
+        ("cdc_no_dca", 0.55, True),
+        ("cdc_ce", 0.55, True),
+    ]
+    # ε 0.5 prunes differently: its own cells at every budget
+    assert {c[1] for c in cells if c[0] == "cdc_eps"} == {0.40, 0.55, 0.70}
+    everywhere = set(profile["finetune_everywhere"])
+    for name, removed, tuned in cells:
+        assert tuned == (removed == 0.55 or name in everywhere), (name, removed)
+    extra = [i for i, (_, removed, tuned) in enumerate(cells) if tuned and removed != 0.55]
+    assert extra == list(range(len(cells) - len(extra), len(cells)))  # the long fine-tunes come last
+    params = cell_params(profile, METHOD_BY_NAME["cdc_eps"], 1, 0.3)
+    assert params["score"]["eps"] == 0.5 and params["seed"] == 1 and params["prune"]["ratio"] == 0.3
+    assert cell_params(profile, METHOD_BY_NAME["cdc_ce"], 1, 0.3)["distill"]["kd_weight"] == 0.0
+
+
 def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     out = tmp_path / "docs" / "results.md"
     cmd = [sys.executable, "-m", "pipeline.cli", "compare", "--profile", "tiny", "--methods", "cdc", "l1"]
     cmd += ["--workspace", str(tmp_path / "ws"), "--out", str(out), "--raw", str(RAW)]
     env = clean_env(tmp_path / "unused.db")
+    rows_path = tmp_path / "docs" / "results" / "compare_tiny.json"
+    rows_path.parent.mkdir(parents=True)
+    # a pruned-only row saved by an earlier profile that did not fine-tune l1 at 60%: the cell runs again
+    # with its fine-tune and its row replaces this one
+    earlier = {"method": "l1", "flops_removed": 0.6, "seed": 0, "fine_tuned": False, "pruned_test": 0.123}
+    rows_path.write_text(json.dumps([earlier]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads((tmp_path / "docs" / "results" / "compare_tiny.json").read_text())
+    rows = json.loads(rows_path.read_text())
     cells = {(r["method"], r["flops_removed"]): r for r in rows}
-    assert sorted(cells) == [("cdc", 0.5), ("cdc", 0.6), ("l1", 0.5), ("l1", 0.6)]
+    assert len(rows) == 4 and sorted(cells) == [("cdc", 0.5), ("cdc", 0.6), ("l1", 0.5), ("l1", 0.6)]
+    assert cells[("l1", 0.6)]["replaces_pruned_test"] == 0.123
     for removed in (0.5, 0.6):
         cdc, l1 = cells[("cdc", removed)], cells[("l1", removed)]
         # matched budget: the same widths and FLOPs for both methods, near the target
         assert cdc["widths"] == l1["widths"] and cdc["flops_ratio"] == l1["flops_ratio"]
         assert abs(cdc["flops_ratio"] - (1 - removed)) <= 0.01
-        assert cdc["fine_tuned"] == l1["fine_tuned"] == (removed == 0.5)  # the profile's fine-tune budget
+        assert cdc["fine_tuned"] == (removed == 0.5)  # the profile's fine-tune budget
+        assert l1["fine_tuned"]  # fine-tuned everywhere in this profile
     assert len({r["teacher_test"] for r in rows}) == 1  # one teacher, trained once
     for r in rows:
         assert 0 <= r["pruned_test"] <= 1 and 0 <= r["student_test"] <= 1
     text = out.read_text()
     assert "CDC: hierarchical symdiv + KD + DCA" in text and "filter L1 norm" in text
     assert "Paired with the best data-free baseline" in text and "cdc compare --profile tiny" in text
-    assert (tmp_path / "docs" / "results" / "tiny_student_test.png").stat().st_size > 0
+    for plot in ("tiny_student_test.png", "tiny_student_test_all.png", "tiny_pruned_test.png"):
+        assert (tmp_path / "docs" / "results" / plot).stat().st_size > 0
+    latency = json.loads((tmp_path / "docs" / "results" / "compare_tiny_latency.json").read_text())
+    assert sorted(latency) == ["0.5", "0.6"] and all(v["b64"]["speedup"] > 0 for v in latency.values())
+    assert "speed-up b1 / b64" in text
     ws = tmp_path / "ws" / "seed-0"
     assert (ws / "dvc.lock").exists() and (ws / "mlflow.db").exists()
 
