@@ -87,6 +87,14 @@ METHODS = [
 ]
 METHOD_BY_NAME = {m.name: m for m in METHODS}
 
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 # Profiles: the params every cell shares, the FLOPs removed per budget, the budgets whose cells are
 # fine-tuned (elsewhere `distill.epochs: 0`: the pruned model only, so methods that differ only in
 # their fine-tune share one cell), the methods fine-tuned at every budget, the teacher seeds.
@@ -136,13 +144,13 @@ PROFILES: dict[str, dict] = {
         "seeds": [0, 1, 2],
     },
 }
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+PROFILES["full_cifar100"] = PROFILES["full"] | {
+    "about": "GPU size (not run here): ResNet-56 on CIFAR-100, its 20 superclasses as the coarse classes",
+    "params": merge(
+        PROFILES["full"]["params"],
+        {"data": {"dataset": "cifar100"}, "score": {"coarse_map": "cifar100_superclasses"}},
+    ),
+}
 
 
 @cache
@@ -176,7 +184,9 @@ def cell_params(profile: dict, method: Method, seed: int, ratio: float, fine_tun
         merge(profile["params"], method.overrides),
         {
             "seed": seed,
-            "score": {"criterion": method.criterion, "hierarchy": method.hierarchy},
+            "score": {"criterion": method.criterion, "hierarchy": method.hierarchy}
+            # a flat method reads no coarse classes (the params refuse a coarse map it would ignore)
+            | ({} if method.hierarchy else {"coarse_map": None, "coarse_blocks": None}),
             "prune": {"budget": "uniform", "ratio": ratio, "round_to": 1},
             "distill": FINE_TUNES[method.fine_tune] | ({} if fine_tune else {"epochs": 0}),
         },
@@ -463,7 +473,13 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         default=Path("compare-workspace"),
         help="where the cells run (kept for DVC's caching and for resuming; default: %(default)s)",
     )
-    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw data (default: %(default)s)")
+    p.add_argument(
+        "--raw",
+        type=Path,
+        default=Path("data/raw"),
+        help="the profile's raw dataset, as `data.root` reads it (the full profiles: the CIFAR archive's "
+        "folder; default: %(default)s)",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/results.md"), help="default: %(default)s")
     p.add_argument(
         "--jobs",

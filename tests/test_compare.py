@@ -53,6 +53,16 @@ def test_cells_fine_tune_every_budget_for_the_named_methods_last_and_share_prune
     assert cell_params(profile, METHOD_BY_NAME["cdc_ce"], 1, 0.3)["distill"]["kd_weight"] == 0.0
 
 
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_every_profile_and_method_makes_valid_params(name: str):
+    profile = PROFILES[name]
+    assert set(profile["finetune_everywhere"]) <= set(METHOD_BY_NAME)
+    assert set(profile["finetune_removed"]) <= set(profile["flops_removed"])
+    for method in METHOD_BY_NAME.values():
+        params = cell_params(profile, method, profile["seeds"][-1], 0.4)  # validated by Params
+        assert params["score"]["criterion"] == method.criterion
+
+
 def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     out = tmp_path / "docs" / "results.md"
     cmd = [sys.executable, "-m", "pipeline.cli", "compare", "--profile", "tiny", "--methods", "cdc", "l1"]
