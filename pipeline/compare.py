@@ -348,6 +348,12 @@ def run_matrix(
     lock = threading.Lock()
     per_teacher = cells(profile, methods)
     total = len(profile["seeds"]) * len(per_teacher)
+    to_run = sum(
+        (m.name, removed, seed, tuned) not in done
+        for seed in profile["seeds"]
+        for m, removed, tuned in per_teacher
+    )
+    finished = 0
 
     def worker(seed: int) -> None:
         ws = workspace / f"seed-{seed}"
@@ -361,7 +367,9 @@ def run_matrix(
             row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
             row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
             row.update(fine_tuned=fine_tune)
+            nonlocal finished
             with lock:
+                finished += 1
                 replaced = [
                     r
                     for r in rows
@@ -380,7 +388,7 @@ def run_matrix(
                 log.info(
                     "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs%s: pruned %.2f%% (val %.2f%%), "
                     "student %.2f%%, FLOPs %.3f, %.0f s",
-                    len(rows), total, seed, method.name, 100 * removed,
+                    finished, to_run, seed, method.name, 100 * removed,
                     "" if fine_tune else " (no fine-tune)",
                     100 * row["pruned_test"], 100 * row["pruned_val"], 100 * row["student_test"],
                     row["flops_ratio"], row["wall_s"],
@@ -388,7 +396,7 @@ def run_matrix(
 
     log.info(
         "%d cells (%d done), %d teacher seeds, %d at a time with %d thread(s) each; workspaces under %s",
-        total, len(done), len(profile["seeds"]), jobs, threads, workspace,
+        total, total - to_run, len(profile["seeds"]), jobs, threads, workspace,
     )  # fmt: skip
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(worker, seed) for seed in profile["seeds"]]:
