@@ -356,6 +356,7 @@ def run_matrix(
     finished = 0
 
     def worker(seed: int) -> None:
+        nonlocal finished
         ws = workspace / f"seed-{seed}"
         ws.mkdir(parents=True, exist_ok=True)
         env = make_workspace(ws, raw)
@@ -367,7 +368,6 @@ def run_matrix(
             row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
             row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
             row.update(fine_tuned=fine_tune)
-            nonlocal finished
             with lock:
                 finished += 1
                 replaced = [
