@@ -102,7 +102,7 @@ PROFILES: dict[str, dict] = {
     "default": {
         "about": "2-core CPU, about 90 min: ResNet-20 on 12,000 Fashion-MNIST images, 8-epoch teachers; "
         "every method pruned at every budget and fine-tuned (2 epochs) at the middle one; CDC, the candidate "
-        "default and the baselines fine-tuned at every budget",
+        "defaults and the baselines fine-tuned at every budget",
         "params": {
             "data": {"dataset": "fashion_mnist", "train_limit": 12000, "val_size": 2000, "test_limit": 5000},
             "train_teacher": {"arch": "resnet20", "epochs": 8},
@@ -112,7 +112,7 @@ PROFILES: dict[str, dict] = {
         },
         "flops_removed": [0.40, 0.55, 0.70],
         "finetune_removed": [0.55],
-        "finetune_everywhere": ["cdc", "cdc_eps", "l1", "bn_gamma", "taylor", "random"],
+        "finetune_everywhere": ["cdc", "cdc_eps", "cdc_bn_batch", "l1", "bn_gamma", "taylor", "random"],
         "seeds": [0, 1, 2],
     },
     "tiny": {
