@@ -84,7 +84,7 @@ def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
     baselines = [m for m in methods if m.data_free]
     lines = [
         "| FLOPs cut | method | best data-free baseline | Δ after pruning (points) | "
-        "Δ after fine-tune (points) | teachers where the method wins (fine-tune) |",
+        "Δ after fine-tune (points) | teachers where the method wins (after fine-tune, else after pruning) |",
         "|---|---|---|---|---|---|",
     ]
     for removed in budgets:
