@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 STAGES = {"pruned_test": "after pruning (BN recal., no fine-tune)", "student_test": "after fine-tune"}
@@ -152,7 +153,10 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
     cells = _by_cell(rows)
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for m in methods:
+    colors, markers = colormaps["tab20"].colors, "osD^vP*Xhp<>"
+    for i, m in enumerate(methods):
+        if key == "pruned_test" and any(m.prunes_like(o) for o in methods[:i]):
+            continue  # the same channels as an earlier method: the same points
         xs, ys, es = [], [], []
         for removed in sorted({r["flops_removed"] for r in rows}):
             runs = [
@@ -163,8 +167,10 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
                 ys.append(100 * np.mean([r[key] for r in runs]))
                 es.append(100 * np.std([r[key] for r in runs]))
         if xs:
-            style = "--" if m.data_free else "-"
-            ax.errorbar(xs, ys, yerr=es, fmt="o" + style, capsize=3, label=m.label)
+            ax.errorbar(
+                xs, ys, yerr=es, capsize=3, label=m.label, color=colors[(2 * i) % 20 + (i // 10) % 2],
+                marker=markers[i % len(markers)], ls="--" if m.data_free else "-",
+            )  # fmt: skip
     teachers = [r["teacher_test"] for r in rows]
     ax.axhline(100 * np.mean(teachers), color="k", lw=0.8, ls=":", label="teacher (mean)")
     ax.set_xlabel("FLOPs kept (% of the teacher)")
