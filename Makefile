@@ -72,7 +72,7 @@ bench: $(BIN)/cdc data  ## performance benchmarks (each prints a table, writes b
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; echo; done
 	@$(BIN)/python -m bench.summary
 
-compare: $(BIN)/cdc data  ## method comparison (about 2 h on 2 cores): cdc compare, the ranking factors, docs/results.md
+compare: $(BIN)/cdc data  ## method comparison (about 3 h 20 min on 2 cores): cdc compare, the ranking factors, docs/results.md
 	$(BIN)/cdc compare --profile default
 	$(BIN)/python -m bench.ranking_factors
 	$(BIN)/cdc compare --profile default --report-only

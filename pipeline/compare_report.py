@@ -34,13 +34,13 @@ def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
 
 def _speedup(latency: dict, removed: float) -> str:
     entry = latency.get(str(removed), {})
-    parts = [f"{v['speedup']:.2f}x ± {v['spread']:.2f}" for k, v in entry.items() if k.startswith("b")]
+    parts = [f"{v['speedup']:.2f}x ± {v['spread']:.2f}" for v in entry.get("batch", {}).values()]
     return " / ".join(parts) or "–"
 
 
 def method_table(rows: list[dict], methods: list, budgets: list[float], latency: dict) -> str:
     cells = _by_cell(rows)
-    sizes = " / ".join(k for k in next(iter(latency.values()), {}) if k.startswith("b")) or "–"
+    sizes = " / ".join(f"b{bs}" for bs in next(iter(latency.values()), {}).get("batch", {})) or "–"
     lines = [
         "| FLOPs cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
         f"student test acc (%) | Δ student − teacher (points) | params cut | speed-up {sizes} | teachers |",
@@ -71,7 +71,8 @@ def latency_text(latency: dict) -> str:
     entry = next(iter(latency.values()))
     return (
         "Speed-up: the pruned architecture's latency against the teacher's, BN folded, timed by "
-        f"`cdc.latency` ({entry['rounds']} interleaved rounds, {entry['threads']} threads, median of the "
+        f"`cdc.latency` ({entry['rounds']} interleaved rounds of {entry['block_ms']:.0f} ms blocks, "
+        f"{entry['threads']} threads, median of the "
         "per-round ratios ± half their interquartile range) after all cells had finished, with nothing "
         "else running. Latency depends on the widths only and every method of a budget has the same "
         "widths, so one measurement per budget serves all its methods."
@@ -262,6 +263,14 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
         plot_fine_tuned(rows, methods, common, plot_dir / f"{name}_student_test_all.png")
         plots.append(f"![after fine-tune, every method](results/{name}_student_test_all.png)")
     latency = meta.get("latency", {})
+    rerun = [r for r in rows if "replaces_pruned_test" in r]
+    same = sum(r["replaces_pruned_test"] == r["pruned_test"] for r in rerun)
+    reproduced = (
+        f" {len(rerun)} cells were run twice (pruned only, then again with the fine-tune a later profile "
+        f"added): the pruned model's test accuracy was the same both times in {same} of them."
+        if rerun
+        else ""
+    )
     tuned_budgets = ", ".join(f"{100 * b:.0f}%" for b in common) or "no budget"
     everywhere = (
         ", ".join(m.label for m in methods if m.name in meta.get("finetune_everywhere", [])) or "no method"
@@ -274,7 +283,7 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
 
 Produced by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); {len(rows)} cells whose
 wall times sum to {wall / 60:.0f} min, {jobs} teachers' cells running at once. Profile `{name}`:
-{meta["about"]}. Raw rows: `docs/results/compare_{name}.json`.
+{meta["about"]}. Raw rows: `docs/results/compare_{name}.json`.{reproduced}
 
 Each fine-tuned cell is a `dvc repro` of the whole pipeline; a cell without fine-tune is
 `dvc repro prune` followed by the evaluate stage's own BN recalibration and accuracy functions (a

@@ -96,7 +96,9 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     for plot in ("tiny_student_test.png", "tiny_student_test_all.png", "tiny_pruned_test.png"):
         assert (tmp_path / "docs" / "results" / plot).stat().st_size > 0
     latency = json.loads((tmp_path / "docs" / "results" / "compare_tiny_latency.json").read_text())
-    assert sorted(latency) == ["0.5", "0.6"] and all(v["b64"]["speedup"] > 0 for v in latency.values())
+    assert sorted(latency) == ["0.5", "0.6"] and all(
+        v["batch"]["64"]["speedup"] > 0 for v in latency.values()
+    )
     assert "speed-up b1 / b64" in text
     ws = tmp_path / "ws" / "seed-0"
     assert (ws / "dvc.lock").exists() and (ws / "mlflow.db").exists()
