@@ -33,7 +33,7 @@ def test_uniform_ratio_for_meets_each_budget_within_a_percent():
 
 
 def test_cells_fine_tune_every_budget_for_the_named_methods_last_and_share_pruned_only_twins():
-    profile = PROFILES["default"]
+    profile = PROFILES["extended"]
     methods = [METHOD_BY_NAME[m] for m in ("cdc", "cdc_no_dca", "cdc_ce", "cdc_eps", "l1", "fisher")]
     cells = [(m.name, removed, tuned) for m, removed, tuned in cells_of(profile, methods)]
     # the KD-only and CE-only rows prune like CDC: only their fine-tuned cells run
