@@ -77,7 +77,7 @@ METHODS = [
         False,
         "CDC, batch-statistics BN in the statistics pass",
         {"dump_stats": {"bn_mode": "batch"}},
-    ),  # fmt: skip
+    ),
     Method("fisher", "fisher", True, "kd_dca", False, "Fisher ratio (hierarchical)"),
     Method("di", "di", True, "kd_dca", False, "DI, pooled 4x4 grid (hierarchical)"),
     Method("l1", "l1", False, "kd_dca", True, "filter L1 norm"),
