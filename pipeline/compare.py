@@ -203,6 +203,15 @@ def fine_tuned_at(profile: dict, method: Method, removed: float) -> bool:
     return removed in profile["finetune_removed"] or method.name in profile.get("finetune_everywhere", ())
 
 
+def teacher_shape(profile: dict, raw: Path) -> tuple[str, tuple[int, ...], int]:
+    """The profile's architecture, input shape and class count (read off the raw dataset)."""
+    from cdc.sources import load_raw
+
+    defaults = cell_params(profile, METHODS[0], 0, 0.0)
+    dataset = load_raw(defaults["data"]["dataset"], raw)
+    return defaults["train_teacher"]["arch"], tuple(dataset.train.images.shape[1:]), len(dataset.classes)
+
+
 def cells(profile: dict, methods: list[Method]) -> list[tuple[Method, float, bool]]:
     """(method, FLOPs removed, fine-tuned) of one teacher, methods outer (a method's scores serve all
     its budgets), the fine-tunes outside the profile's fine-tuned budgets last (the longest part, which
@@ -279,11 +288,7 @@ def run_cell(ws: Path, env: dict[str, str], params: dict, fine_tune: bool) -> di
     }
     if fine_tune:
         metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
-        ratios = metrics["student_vs_teacher"]
         row |= {f"{m}_{split}": metrics[m][f"{split}_acc"] for m in MODELS for split in ("test", "val")}
-        row["speedup"] = {
-            k: v for k, v in ratios.items() if k.startswith("speedup_b") and not k.endswith("spread")
-        }
     else:
         row |= prune_only_metrics(ws, params)
     row["wall_s"] = round(time.monotonic() - start, 1)
@@ -311,9 +316,7 @@ def prune_only_metrics(ws: Path, params: dict) -> dict:
     recalibrate_pruned(pruned, data, p, cpu)
     acc = {"teacher": _TEACHER_ACCURACY[ws], "pruned": accuracies(pruned, data, p.evaluate.batch_size, cpu)}
     acc["student"] = acc["pruned"]
-    out: dict = {f"{m}_{split}": acc[m][f"{split}_acc"] for m in MODELS for split in ("test", "val")}
-    out["speedup"] = {}
-    return out
+    return {f"{m}_{split}": acc[m][f"{split}_acc"] for m in MODELS for split in ("test", "val")}
 
 
 _TEACHER_ACCURACY: dict[Path, dict] = {}
@@ -333,18 +336,9 @@ def run_matrix(
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     # a pruned-only row is done unless the profile now fine-tunes that cell (the fine-tuned row replaces it)
     done = {(r["method"], r["flops_removed"], r["seed"], r.get("fine_tuned", True)) for r in rows}
-    from cdc.sources import load_raw
-
-    defaults = cell_params(profile, methods[0], 0, 0.0)
-    dataset = load_raw(defaults["data"]["dataset"], raw)  # the input shape and class count
-    arch, shape, n_classes = (
-        defaults["train_teacher"]["arch"],
-        dataset.train.images.shape[1:],
-        len(dataset.classes),
-    )
+    arch, shape, n_classes = teacher_shape(profile, raw)
     ratios = {
-        removed: uniform_ratio_for(arch, n_classes, tuple(shape), removed)
-        for removed in profile["flops_removed"]
+        removed: uniform_ratio_for(arch, n_classes, shape, removed) for removed in profile["flops_removed"]
     }
     threads = max(1, (os.cpu_count() or 1) // jobs)
     import torch
@@ -425,15 +419,8 @@ def measure_latency(
     from cdc.inference import inference_forward
     from cdc.latency import compare_latency, threads
     from cdc.models import build_model
-    from cdc.sources import load_raw
 
-    defaults = cell_params(profile, METHODS[0], 0, 0.0)
-    dataset = load_raw(defaults["data"]["dataset"], raw)
-    arch, shape, n_classes = (
-        defaults["train_teacher"]["arch"],
-        dataset.train.images.shape[1:],
-        len(dataset.classes),
-    )
+    arch, shape, n_classes = teacher_shape(profile, raw)
     out: dict[str, dict] = {}
     with threads(os.cpu_count()) as n_threads:
         for removed in sorted({r["flops_removed"] for r in rows}):
