@@ -7,9 +7,13 @@ statistics pass per seed; a method's scores across budgets; score/prune/fit_dca 
 fine-tune differs). Within a budget every method prunes to the same widths (a uniform ratio solved for
 the FLOPs target), so achieved FLOPs are identical across methods, and gets the same fine-tune
 (epochs, schedule, seed). Each cell records the pruned model's accuracy (BN recalibrated, no fine-tune;
-validation and test) and the fine-tuned student's. `docs/results.md` (tables, paired comparison with the
-best data-free baseline) and its plots are written from the collected rows; rows are saved as they come,
-so an interrupted comparison resumes where it stopped.
+validation and test) and the fine-tuned student's. After the cells, each budget's pruned architecture
+is timed against the teacher with nothing else running. `docs/results.md` (tables, paired comparison
+with the best data-free baseline) and its plots are written from the collected rows; rows are saved as
+they come, so an interrupted comparison resumes where it stopped. Profiles: `default` (every method
+fine-tuned at the middle budget, about 1 h 40 min on 2 cores), `extended` (docs/results.md: also
+CDC, the candidate defaults and the baselines at every budget), `full`/`full_cifar100` (GPU size),
+`tiny` (the test suite's).
 """
 
 from __future__ import annotations
