@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= cdc:$(VERSION)
 
-.PHONY: run test reliability data lint bench compare ui dvc-yaml compile image push pull clean help
+.PHONY: run test test-kernels reliability data lint bench compare ui dvc-yaml compile image push pull clean help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -22,6 +22,13 @@ test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+KERNEL_PATHS := avx2 default
+test-kernels: $(BIN)/cdc data  ## the suite again under PyTorch's other CPU kernel paths (ATEN_CPU_CAPABILITY=avx2, default): other rounding, same verdicts
+	@for path in $(KERNEL_PATHS); do \
+	  echo "== ATEN_CPU_CAPABILITY=$$path pytest -q"; \
+	  ATEN_CPU_CAPABILITY=$$path $(BIN)/pytest -q || exit 1; \
+	done
 
 reliability: $(BIN)/cdc data  ## the reliability tests; writes their record to docs/reliability.md
 	CDC_RELIABILITY_RECORD=docs/reliability.md $(BIN)/pytest -q tests/test_reliability.py

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from datetime import date
 from pathlib import Path
 
 import torch
+
+from cdc.device import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
     """CPU model, cores visible and torch threads; the GPU when one is visible."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    text = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text

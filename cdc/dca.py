@@ -96,8 +96,7 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     """
     d = s_b.shape[0]
     n_components = min(n_components, d)
-    top_w = scipy.linalg.eigh(s_w, eigvals_only=True, subset_by_index=[d - 1, d - 1], driver="evr")
-    rho = 0.02 * float(top_w[0])
+    rho = 0.02 * float(top_eigenpairs(s_w, None, 1)[0][0])
     if not np.isfinite(s_b).all() or not np.isfinite(s_w).all() or rho <= 0:
         raise ValueError(
             "DCA: the within-class scatter is zero or not finite (every feature constant, or a dead layer); "
@@ -106,8 +105,25 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     rho_prime = 0.1 * rho
     a = s_b + s_w + (rho + rho_prime) * np.eye(d)
     b = s_w + rho * np.eye(d)
-    values, vectors = scipy.linalg.eigh(a, b, subset_by_index=[d - n_components, d - 1], driver="gvx")
-    return canonical_signs(vectors[:, ::-1]), values[::-1]
+    values, vectors = top_eigenpairs(a, b, n_components)
+    return canonical_signs(vectors), values
+
+
+def top_eigenpairs(a: np.ndarray, b: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `n` largest eigenvalues (descending) and eigenvectors of a x = lambda b x (b None: b = I).
+
+    LAPACK is asked for those `n` only (bisection, ?stebz). When eigenvalues cluster at the boundary of
+    the requested range, as the null-space directions of a singular within-class scatter do, bisection
+    may find fewer than asked ("non-monotonic arithmetic"; which CPU path does so varies) and SciPy
+    returns the shorter result without a word: then the full decomposition is taken instead.
+    """
+    d = a.shape[0]
+    driver = "evr" if b is None else "gvx"
+    values, vectors = scipy.linalg.eigh(a, b, subset_by_index=[d - n, d - 1], driver=driver)
+    if len(values) < n:
+        values, vectors = scipy.linalg.eigh(a, b, driver="evd" if b is None else "gvd")
+        values, vectors = values[d - n :], vectors[:, d - n :]
+    return values[::-1], vectors[:, ::-1]
 
 
 def canonical_signs(w: np.ndarray) -> np.ndarray:

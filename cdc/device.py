@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -97,6 +99,26 @@ def make_runtime(device: str = "auto", mixed_precision: bool = True, determinist
     if mixed_precision:
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return Runtime(dev, amp)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), e.g. `Intel(R) Xeon(R) Processor`."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def float_platform() -> str:
+    """What, besides its inputs, decides a CPU run's floating-point results: the CPU, PyTorch's CPU
+    kernel path (`ATEN_CPU_CAPABILITY` can lower it) and the torch build. Two runs that share it give
+    byte-identical outputs; two that do not may train different weights (MKL and oneDNN round
+    differently), e.g. `Intel(R) Xeon(R) Processor, AVX512 kernels, torch 2.14.1+cu130`."""
+    return f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()} kernels, torch {torch.__version__}"
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ EXPERIMENT_ENV = "CDC_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cdc"
 # how the md5 tags were computed: runs logged before directories were hashed the DVC way lack the tag
 HASH_TAG, HASH_SCHEME = "cdc.hash", "dvc3-md5"
+PLATFORM_TAG = "cdc.platform"
 CANDIDATE, CHAMPION = "candidate", "champion"  # registry aliases: the newest export, the promoted one
 
 
@@ -238,9 +239,12 @@ def stage_run(
     """One MLflow run for a stage, nested under `parent_run_id` (default: `$CDC_PARENT_RUN_ID`)."""
     mlflow = setup_mlflow()
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
+    from cdc.device import float_platform
+
     tags = {
         "cdc.stage": stage,
         "mlflow.source.git.commit": git_commit(),
+        PLATFORM_TAG: float_platform(),  # what a reviewer needs to tell a rounding difference from a change
         HASH_TAG: HASH_SCHEME,
         **(extra_tags or {}),
     }

@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -449,17 +448,10 @@ def measure_latency(
     return out
 
 
-def cpu_model() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        model = names[0] if names else model
-    return f"{model}, {os.cpu_count()} cores, no GPU used"
+def machine_line() -> str:
+    from cdc.device import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, no GPU used"
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -522,7 +514,7 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     meta = {
         "date": date.today().isoformat(),
-        "machine": cpu_model(),
+        "machine": machine_line(),
         "command": command,
         "profile": args.profile,
         "about": profile["about"],

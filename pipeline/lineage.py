@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from components.stages import STAGES
-from components.tracking import HASH_SCHEME, HASH_TAG
+from components.tracking import HASH_SCHEME, HASH_TAG, PLATFORM_TAG
 
 LOCK = "dvc.lock"
 PARAMS = "params.yaml"
@@ -112,6 +112,7 @@ class RunInfo:
     status: str
     parent: str | None
     outputs: dict[str, str]  # path -> md5 as the run recorded them
+    platform: str | None = None  # CPU, kernel path and torch build (cdc.device.float_platform)
 
 
 class Runs:
@@ -193,6 +194,7 @@ def _run_info(run: Any) -> RunInfo:
         status=run.info.status,
         parent=tags.get("mlflow.parentRunId"),
         outputs=recorded,
+        platform=tags.get(PLATFORM_TAG),
     )
 
 
@@ -235,6 +237,7 @@ class StageRecord:
     run_id: str | None = None
     start: str | None = None
     commit: str | None = None
+    platform: str | None = None
 
 
 @dataclass
@@ -256,7 +259,13 @@ def show(target: str, runs: Runs | None = None, lock_path: Path = Path(LOCK)) ->
         record = StageRecord(name, _cmd(entry), stage_params(entry), deps(entry), outs(entry))
         found = runs.producing(name, record.outputs)
         if found:
-            record.run_id, record.start, record.commit = found[0].run_id, found[0].start, found[0].commit
+            run = found[0]
+            record.run_id, record.start, record.commit, record.platform = (
+                run.run_id,
+                run.start,
+                run.commit,
+                run.platform,
+            )
         trace.stages.append(record)
     return trace
 
@@ -327,6 +336,8 @@ def format_trace(trace: Trace) -> str:
         lines += ["", f"{r.stage}"]
         if r.run_id:
             lines.append(f"  MLflow run  {r.run_id}  {r.start}  code {r.commit}")
+            if r.platform:
+                lines.append(f"  platform    {r.platform}")
         else:
             lines.append("  MLflow run  none recorded these outputs")
         lines.append(f"  cmd         {r.cmd}")
@@ -378,6 +389,7 @@ class Snapshot:
     commit: str | None
     lock: dict[str, Any]
     metrics: dict[str, Any]
+    platforms: list[str] = field(default_factory=list)  # of its stage runs (MLflow pipeline runs only)
 
 
 def _git(*args: str) -> subprocess.CompletedProcess[str]:
@@ -400,7 +412,8 @@ def snapshot(ref: str, runs: Runs | None = None) -> Snapshot:
             text = runs.artifact_text(ref, p)
             if text is not None:
                 metrics[p] = json.loads(text)
-        return Snapshot(ref, "MLflow pipeline run", run.commit, runs.logged_lock(ref), metrics)
+        platforms = sorted({r.platform for r in runs.runs if r.parent == ref and r.platform})
+        return Snapshot(ref, "MLflow pipeline run", run.commit, runs.logged_lock(ref), metrics, platforms)
     rev = _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").stdout.strip()
     kind = "git revision"
     if not rev:
@@ -448,8 +461,10 @@ class Diff:
     metrics: dict[str, tuple[float | None, float | None, float | None]]
     code: list[str] | None  # files touched between the commits; None when a commit is unknown
     # stages that read the same inputs with the same params yet wrote different bytes: expected for
-    # timings (evaluate) and on CUDA without runtime.deterministic; on CPU anything else is a finding
+    # timings (evaluate), across CPUs or kernel paths (`platforms`) and on CUDA without
+    # runtime.deterministic; on one CPU platform anything else is a finding
     same_inputs_other_outputs: list[str] = field(default_factory=list)
+    platforms: tuple[list[str], list[str]] = ([], [])  # the stage runs' platforms of A and B, if known
 
 
 def diff(a: Snapshot, b: Snapshot) -> Diff:
@@ -480,7 +495,8 @@ def diff(a: Snapshot, b: Snapshot) -> Diff:
         and deps(a.lock[name]) == deps(b.lock[name])
         and stage_params(a.lock[name]) == stage_params(b.lock[name])
     ]
-    return Diff(a.label, b.label, params, artifacts, rerun, metrics, _files_touched(a, b), unstable)
+    code, platforms = _files_touched(a, b), (a.platforms, b.platforms)
+    return Diff(a.label, b.label, params, artifacts, rerun, metrics, code, unstable, platforms)
 
 
 def _all_params(lock: dict[str, Any]) -> dict[str, Any]:
@@ -521,10 +537,14 @@ def format_diff(d: Diff) -> str:
     lines.append(f"params changed ({len(d.params)})")
     lines += [f"  {k}: {_short(va)} -> {_short(vb)}" for k, (va, vb) in d.params.items()]
     lines.append(f"stages rerun ({len(d.stages_rerun)}): {', '.join(d.stages_rerun) or 'none'}")
+    pa, pb = d.platforms
+    if pa and pb and pa != pb:
+        lines.append(f"platform: {'; '.join(pa)} -> {'; '.join(pb)}")
+        lines.append("  (another CPU or kernel path: trained weights, and so what follows them, may differ)")
     if d.same_inputs_other_outputs:
         lines.append(
-            "same inputs and params, other outputs (timings, or CUDA without runtime.deterministic): "
-            + ", ".join(d.same_inputs_other_outputs)
+            "same inputs and params, other outputs (timings; another CPU or kernel path; "
+            "CUDA without runtime.deterministic): " + ", ".join(d.same_inputs_other_outputs)
         )
     lines.append(f"artifacts changed ({len(d.artifacts)})")
     lines += [f"  {p}: {ha or '-'} -> {hb or '-'}" for p, (ha, hb) in d.artifacts.items()]

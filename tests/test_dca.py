@@ -114,3 +114,34 @@ def test_basis_signs_are_canonical_whatever_lapack_returns(rng):
     assert np.all(peaks > 0)
     flipped = w * np.array([-1.0, 1.0, -1.0, -1.0])
     np.testing.assert_array_equal(canonical_signs(flipped), w)
+
+
+def test_every_label_gets_its_component_even_when_lapack_answers_short(rng, monkeypatch):
+    """More features than images (60 from 40): the within-class scatter is singular and the pencil has
+    a cluster of equal eigenvalues (1 + rho'/rho) right below the C - 1 discriminant ones, where the
+    C-th component is asked for. LAPACK's bisection may then find fewer eigenvalues than asked, and
+    SciPy returns the shorter answer without a word: on an AMD EPYC, DCA came out with one component
+    for three labels. That short answer is injected here (the real solver, less its first pair); the
+    basis must still have C B-orthonormal components, the discriminant ones those of a full solve."""
+    x, y = rng.normal(size=(40, 60)), np.arange(40) % 3
+    s_b, s_w = _explicit_scatters(x, y)
+    honest_w, honest_values = solve_dca(s_b, s_w, 3)
+    assert honest_w.shape == (60, 3)
+    real = scipy.linalg.eigh
+
+    def short(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("subset_by_index") is None:
+            return out
+        if kwargs.get("eigvals_only"):
+            return out[1:]
+        values, vectors = out
+        return values[1:], vectors[:, 1:]
+
+    monkeypatch.setattr(scipy.linalg, "eigh", short)
+    w, values = solve_dca(s_b, s_w, 3)
+    assert w.shape == (60, 3)
+    np.testing.assert_allclose(values, honest_values, rtol=1e-9)
+    np.testing.assert_allclose(w[:, :2], honest_w[:, :2], rtol=1e-6, atol=1e-9)
+    rho = 0.02 * np.linalg.eigvalsh(s_w).max()
+    np.testing.assert_allclose(w.T @ (s_w + rho * np.eye(60)) @ w, np.eye(3), atol=1e-9)

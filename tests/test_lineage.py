@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from cdc.data import load_prepared
+from cdc.device import float_platform
 from cdc.inference import load_torchscript, onnx_session
 from cdc.io import load_model
 from cdc.params import Params
@@ -100,6 +101,12 @@ def test_diff_separates_changed_inputs_from_outputs_that_moved_on_their_own():
     assert d.artifacts == {"p.pt": ("p0.5", "p0.4"), "m.json": ("m1", "m2")}
     assert d.same_inputs_other_outputs == ["evaluate"]  # its input did not change, its bytes did
     assert d.metrics == {"m.json:ms": (2, 3, 1)} and d.code is None
+    assert "platform" not in lineage.format_diff(d)  # none recorded: nothing claimed
+    # pipeline runs on two CPU platforms: the diff says so, beside the outputs that moved
+    a.platforms, b.platforms = ["Intel Xeon, AVX512 kernels, torch 2"], ["AMD EPYC, AVX2 kernels, torch 2"]
+    text = lineage.format_diff(lineage.diff(a, b))
+    assert "platform: Intel Xeon, AVX512 kernels, torch 2 -> AMD EPYC, AVX2 kernels, torch 2" in text
+    assert "another CPU or kernel path" in text
 
 
 def test_hashes_on_mlflow_runs_are_the_ones_dvc_lock_records_directories_included(audited):
@@ -141,6 +148,7 @@ def test_show_traces_the_registered_student_back_to_the_raw_data(audited):
     assert trace["sources"] == {"data/raw": lineage.deps(lock["prepare"])["data/raw"]}
     for record in trace["stages"]:
         assert record["run_id"] and record["commit"].startswith(head(ws)), record["stage"]
+        assert record["platform"] == float_platform()  # this machine, this kernel path
         assert record["outputs"] == lineage.outs(lock[record["stage"]])
         assert record["params"] == lineage.stage_params(lock[record["stage"]])
     assert trace["stages"][0]["inputs"] == {"data/raw": lineage.deps(lock["prepare"])["data/raw"]}
