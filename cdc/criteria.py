@@ -23,7 +23,9 @@ import torch
 import torch_pruning as tp
 
 from cdc.discriminants import DISCRIMINANTS, di
+from cdc.errors import InputError
 from cdc.models import PrunableNet
+from cdc.registry import Registry
 
 Source = Literal["stats", "grid", "weights", "gradients"]
 
@@ -35,22 +37,19 @@ class Criterion:
     class_discriminant: bool  # whether it reads class labels (and so the hierarchy applies)
 
 
-CRITERIA: dict[str, Criterion] = {
-    **{name: Criterion(name, "stats", class_discriminant=name != "random") for name in DISCRIMINANTS},
-    "di": Criterion("di", "grid", class_discriminant=True),
-    "l1": Criterion("l1", "weights", class_discriminant=False),
-    "bn_gamma": Criterion("bn_gamma", "weights", class_discriminant=False),
-    "tp_magnitude": Criterion("tp_magnitude", "weights", class_discriminant=False),
-    "tp_fpgm": Criterion("tp_fpgm", "weights", class_discriminant=False),
-    "taylor": Criterion("taylor", "gradients", class_discriminant=False),
-}
-GRID_DISCRIMINANTS = {"di": di}
-
-
-def get_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise KeyError(f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]
+CRITERIA: Registry[Criterion] = Registry("criterion", "criteria")
+for _criterion in (
+    *(Criterion(name, "stats", class_discriminant=name != "random") for name in DISCRIMINANTS),
+    Criterion("di", "grid", class_discriminant=True),
+    Criterion("l1", "weights", class_discriminant=False),
+    Criterion("bn_gamma", "weights", class_discriminant=False),
+    Criterion("tp_magnitude", "weights", class_discriminant=False),
+    Criterion("tp_fpgm", "weights", class_discriminant=False),
+    Criterion("taylor", "gradients", class_discriminant=False),
+):
+    CRITERIA.add(_criterion.name, _criterion)
+GRID_DISCRIMINANTS: Registry[Callable] = Registry("grid discriminant")
+GRID_DISCRIMINANTS.add("di", di)
 
 
 def _tp_scores(importance: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
@@ -73,18 +72,19 @@ def _per_layer(fn: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[st
     return scores
 
 
-WEIGHT_CRITERIA = {
-    "l1": _per_layer(lambda layer: layer.conv.weight.abs().sum((1, 2, 3))),
-    "bn_gamma": _per_layer(lambda layer: layer.norm.weight.abs()),
-    "tp_magnitude": _tp_scores(tp.importance.GroupMagnitudeImportance(p=2)),
-    "tp_fpgm": _tp_scores(tp.importance.FPGMImportance(p=2)),
-}
+WEIGHT_CRITERIA: Registry[Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]] = Registry(
+    "weight criterion", "weight criteria"
+)
+WEIGHT_CRITERIA.add("l1", _per_layer(lambda layer: layer.conv.weight.abs().sum((1, 2, 3))))
+WEIGHT_CRITERIA.add("bn_gamma", _per_layer(lambda layer: layer.norm.weight.abs()))
+WEIGHT_CRITERIA.add("tp_magnitude", _tp_scores(tp.importance.GroupMagnitudeImportance(p=2)))
+WEIGHT_CRITERIA.add("tp_fpgm", _tp_scores(tp.importance.FPGMImportance(p=2)))
 
 
 def weight_scores(name: str, model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Data-free scores of every prunable layer's channels, keyed by layer name in forward order.
     (Gradients stay enabled: Torch-Pruning traces its dependency graph through autograd.)"""
-    return WEIGHT_CRITERIA[name](model, input_shape)
+    return WEIGHT_CRITERIA.get(name)(model, input_shape)
 
 
 def taylor_scores(
@@ -120,5 +120,5 @@ def taylor_scores(
             h.remove()
         model.zero_grad(set_to_none=True)
     if images == 0:
-        raise ValueError("taylor scores need at least one training batch")
+        raise InputError("taylor scores need at least one training batch")
     return {name: (t / images).numpy() for name, t in totals.items()}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cdc import distributed
+from cdc.errors import InputError
 
 
 def pooled_features(x: torch.Tensor, pool: int | None) -> torch.Tensor:
@@ -98,7 +99,7 @@ def solve_dca(s_b: np.ndarray, s_w: np.ndarray, n_components: int) -> tuple[np.n
     n_components = min(n_components, d)
     rho = 0.02 * float(top_eigenpairs(s_w, None, 1)[0][0])
     if not np.isfinite(s_b).all() or not np.isfinite(s_w).all() or rho <= 0:
-        raise ValueError(
+        raise InputError(
             "DCA: the within-class scatter is zero or not finite (every feature constant, or a dead layer); "
             "choose another fit_dca.layer"
         )
@@ -185,6 +186,6 @@ def accumulate_scatter(
             assert labels is not None
             acc.update(feats, labels[y])
     if acc is None:
-        raise ValueError("no batches to fit DCA on")
+        raise InputError("no batches to fit DCA on")
     distributed.all_reduce_sum(acc._counts, acc._sums, acc._gram)  # each process streamed its share
     return acc

@@ -18,25 +18,27 @@ from pathlib import Path
 
 import torch
 
+from cdc.errors import InputError
+
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
 
 
 def resolve_device(spec: str) -> torch.device:
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
     if not re.fullmatch(DEVICE_PATTERN, spec):
-        raise ValueError(f"runtime.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N")
+        raise InputError(f"runtime.device={spec!r} is not a device; use auto, cpu, cuda or cuda:N")
     if spec == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(
+        raise InputError(
             f"runtime.device={spec!r} but CUDA is not available here (torch {torch.__version__}, "
             f"built for CUDA {torch.version.cuda or 'none'}, no GPU visible); use auto or cpu"
         )
     index = int(spec.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
-        raise ValueError(
+        raise InputError(
             f"runtime.device={spec!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
     return torch.device("cuda", index)

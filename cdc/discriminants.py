@@ -12,24 +12,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from cdc.registry import Registry
 from cdc.stats import GridStats, LayerStats
 
 Discriminant = Callable[[LayerStats, np.random.Generator], np.ndarray]
-DISCRIMINANTS: dict[str, Discriminant] = {}
-
-
-def register_discriminant(name: str) -> Callable[[Discriminant], Discriminant]:
-    def add(fn: Discriminant) -> Discriminant:
-        DISCRIMINANTS[name] = fn
-        return fn
-
-    return add
-
-
-def get_discriminant(name: str) -> Discriminant:
-    if name not in DISCRIMINANTS:
-        raise KeyError(f"unknown discriminant {name!r}; known: {', '.join(sorted(DISCRIMINANTS))}")
-    return DISCRIMINANTS[name]
+DISCRIMINANTS: Registry[Discriminant] = Registry("discriminant")
+register_discriminant = DISCRIMINANTS.register
 
 
 @register_discriminant("symdiv")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # torch is imported when a process group is used, not to ask "am I rank 0?"
+    import torch
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ def init(device: torch.device | None = None) -> Group:
     global _GROUP
     if not launched():
         return _GROUP
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         cuda = device is not None and device.type == "cuda"
         if cuda:
@@ -72,6 +76,8 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum each tensor over the ranks, in place (nothing in a one-process run)."""
     if not _GROUP.active:
         return
+    import torch.distributed as dist
+
     for t in tensors:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
@@ -80,6 +86,9 @@ def any_rank(flag: bool) -> bool:
     """Whether `flag` is set on any rank (every rank must ask at the same point)."""
     if not _GROUP.active:
         return flag
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -87,6 +96,8 @@ def any_rank(flag: bool) -> bool:
 
 def barrier() -> None:
     if _GROUP.active:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -94,6 +105,8 @@ def broadcast_object(obj: object) -> object:
     """Rank 0's `obj` on every rank."""
     if not _GROUP.active:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -101,6 +114,8 @@ def broadcast_object(obj: object) -> object:
 
 def shutdown() -> None:
     global _GROUP
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     _GROUP = Group()

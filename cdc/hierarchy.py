@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import SpectralClustering
+
+from cdc.errors import InputError
 
 # [ours] A tiny uniform affinity keeps the confusion graph connected: classes the teacher never
 # confuses (e.g. Trouser) would otherwise make the spectral embedding degenerate.
@@ -27,9 +28,11 @@ def coarse_groups(confusion: np.ndarray, n_groups: int, seed: int) -> np.ndarray
     """
     n = confusion.shape[0]
     if not 1 <= n_groups <= n:
-        raise ValueError(f"number of coarse groups must be in [1, {n}], got {n_groups}")
+        raise InputError(f"number of coarse groups must be in [1, {n}], got {n_groups}")
     if n_groups == 1:
         return np.zeros(n, np.int64)
+    from sklearn.cluster import SpectralClustering  # scikit-learn loads in seconds: only where it is used
+
     labels = SpectralClustering(
         n_clusters=n_groups, affinity="precomputed", random_state=seed, assign_labels="discretize"
     ).fit_predict(confusion_affinity(confusion))
@@ -41,6 +44,6 @@ def coarse_block_count(n_blocks: int, coarse_blocks: int | None, coarse_fraction
     """T: the first T blocks (1-based index <= T) are scored against coarse labels."""
     if coarse_blocks is not None:
         if not 0 <= coarse_blocks <= n_blocks:
-            raise ValueError(f"coarse_blocks must be in [0, {n_blocks}], got {coarse_blocks}")
+            raise InputError(f"coarse_blocks must be in [0, {n_blocks}], got {coarse_blocks}")
         return coarse_blocks
     return int(round(coarse_fraction * n_blocks))

@@ -13,12 +13,15 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:  # torchvision loads lazily: importing it costs every stage a second (its models)
+    from torchvision.transforms import v2
 
 from cdc.device import to_device
 from cdc.errors import InputError
@@ -46,9 +49,11 @@ class FileSplit:
 
 def decode(path: Path) -> torch.Tensor:
     """An image file as uint8 RGB, C x H x W; an InputError naming the file if it is not one."""
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
     try:
         with Image.open(path) as img:
-            return v2.functional.pil_to_tensor(img.convert("RGB"))
+            return pil_to_tensor(img.convert("RGB"))
     except FileNotFoundError:
         raise InputError(f"{path}: image not found (the tree changed since `cdc prepare`?)", path) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
@@ -76,10 +81,14 @@ def file_md5(path: Path) -> str:
 
 def eval_transform(size: int) -> v2.Transform:
     """Resize the shorter side to `size`, then center crop `size` x `size` (uint8 in, uint8 out)."""
+    from torchvision.transforms import v2
+
     return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
 
 def train_transform(size: int, hflip: bool) -> v2.Transform:
+    from torchvision.transforms import v2
+
     flip = [v2.RandomHorizontalFlip()] if hflip else []
     if size >= LARGE_IMAGE_SIDE:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), *flip])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,14 @@ import torch
 import torch.fx.experimental.optimization as fx_optimization
 from torch import nn
 
+from cdc.errors import InputError
 from cdc.latency import Forward
+from cdc.registry import Registry
 
-INFERENCE_FORMS = ("eager", "folded", "folded_channels_last", "compiled", "onnxruntime")
+# what is timed (evaluate.latency_form), each a builder (model, x, threads) -> a no-argument forward
+INFERENCE_FORMS: Registry[Callable[[nn.Module, torch.Tensor, int | None], Forward]] = Registry(
+    "inference form"
+)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -92,23 +98,37 @@ def onnx_session(onnx_bytes: bytes, threads: int | None = None):  # -> onnxrunti
 
 def inference_forward(model: nn.Module, form: str, x: torch.Tensor, threads: int | None = None) -> Forward:
     """A no-argument callable that runs `model` on `x` in the given inference form."""
-    model = model.eval()
-    if form == "eager":
-        return lambda: model(x)
-    if form == "folded":
-        folded = fold_batchnorm(model)
-        return lambda: folded(x)
-    if form == "folded_channels_last":
-        folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        return lambda: folded(x_cl)
-    if form == "compiled":
-        compiled = torch.compile(fold_batchnorm(model))
-        return lambda: compiled(x)
-    if form == "onnxruntime":
-        if x.device.type != "cpu":
-            raise ValueError("the onnxruntime form runs on CPU only")
-        session = onnx_session(export_onnx(model, x), threads)
-        feed = {"images": np.ascontiguousarray(x.numpy())}
-        return lambda: session.run(None, feed)
-    raise ValueError(f"unknown inference form {form!r}; known: {', '.join(INFERENCE_FORMS)}")
+    return INFERENCE_FORMS.get(form)(model.eval(), x, threads)
+
+
+@INFERENCE_FORMS.register("eager")
+def _eager(model: nn.Module, x: torch.Tensor, _threads: int | None) -> Forward:
+    return lambda: model(x)
+
+
+@INFERENCE_FORMS.register("folded")
+def _folded(model: nn.Module, x: torch.Tensor, _threads: int | None) -> Forward:
+    folded = fold_batchnorm(model)
+    return lambda: folded(x)
+
+
+@INFERENCE_FORMS.register("folded_channels_last")
+def _folded_channels_last(model: nn.Module, x: torch.Tensor, _threads: int | None) -> Forward:
+    folded = fold_batchnorm(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    return lambda: folded(x_cl)
+
+
+@INFERENCE_FORMS.register("compiled")
+def _compiled(model: nn.Module, x: torch.Tensor, _threads: int | None) -> Forward:
+    compiled = torch.compile(fold_batchnorm(model))
+    return lambda: compiled(x)
+
+
+@INFERENCE_FORMS.register("onnxruntime")
+def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int | None) -> Forward:
+    if x.device.type != "cpu":
+        raise InputError("the onnxruntime inference form runs on CPU only")
+    session = onnx_session(export_onnx(model, x), threads)
+    feed = {"images": np.ascontiguousarray(x.numpy())}
+    return lambda: session.run(None, feed)

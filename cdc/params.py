@@ -19,7 +19,8 @@ from cdc.errors import InputError
 from cdc.inference import INFERENCE_FORMS
 from cdc.models import MODELS, PrunableNet, build_model
 from cdc.pruning import BUDGETS
-from cdc.sources import CLASS_COUNTS, COARSE_MAPS, DATASETS
+from cdc.registry import Registry
+from cdc.sources import COARSE_MAPS, DATASETS
 
 
 class Section(BaseModel):
@@ -53,7 +54,7 @@ class DataParams(Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        return _check_registry(v, DATASETS, "dataset")
+        return _check_registry(v, DATASETS)
 
     @field_validator("root")
     @classmethod
@@ -75,7 +76,7 @@ class TrainTeacherParams(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        return _check_registry(v, MODELS, "model")
+        return _check_registry(v, MODELS)
 
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -127,7 +128,7 @@ class ScoreParams(Section):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, v: str) -> str:
-        return _check_registry(v, CRITERIA, "criterion")
+        return _check_registry(v, CRITERIA)
 
 
 class PruneParams(Section):
@@ -146,7 +147,7 @@ class PruneParams(Section):
     @field_validator("budget")
     @classmethod
     def _known_budget(cls, v: str) -> str:
-        return _check_registry(v, BUDGETS, "budget")
+        return _check_registry(v, BUDGETS)
 
     @field_validator("ratios")
     @classmethod
@@ -192,7 +193,7 @@ class EvaluateParams(Section):
     @field_validator("latency_form")
     @classmethod
     def _known_form(cls, v: str) -> str:
-        return _check_registry(v, dict.fromkeys(INFERENCE_FORMS), "inference form")
+        return _check_registry(v, INFERENCE_FORMS)
 
 
 class ExportParams(Section):
@@ -273,7 +274,7 @@ class Params(Section):
         if t is not None and t > len(layers):
             arch = self.train_teacher.arch
             raise ValueError(f"score.coarse_blocks {t} > {len(layers)}, the blocks of {arch}")
-        k = CLASS_COUNTS[self.data.dataset]
+        k = DATASETS[self.data.dataset].num_classes
         cmap = self.score.coarse_map
         if isinstance(cmap, str):
             if COARSE_MAPS[cmap] != self.data.dataset:
@@ -303,12 +304,37 @@ class ParamsError(InputError):
     """A params file that does not match the schema; the message lists every bad key."""
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping: YAML keeps the last silently (an appended `prune:` section
+    would reset every other prune key to its default), so a params file refuses it."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in first:
+                raise DuplicateKey(
+                    None,
+                    None,
+                    f"{key!r} is given twice (first at line {first[key] + 1}); YAML would keep only the "
+                    "last one: merge the two",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file {path} not found", path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKey as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise ParamsError(f"{path}: line {line}: {err.problem}", path) from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -344,7 +370,6 @@ def workspace_path(v: str) -> str:
     return v
 
 
-def _check_registry(value: str, registry: dict, what: str) -> str:
-    if value not in registry:
-        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(sorted(registry))}")
+def _check_registry(value: str, registry: Registry) -> str:
+    registry.get(value)  # an unknown name lists the known ones
     return value

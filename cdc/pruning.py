@@ -19,7 +19,9 @@ import numpy as np
 import torch
 import torch_pruning as tp
 
+from cdc.errors import InputError
 from cdc.models import PrunableNet
+from cdc.registry import Registry
 
 
 @dataclass
@@ -37,15 +39,8 @@ class BudgetProbe:
 # A budget maps (layer names, current widths, its params, a probe for measuring budgets) -> channels
 # to keep per layer.
 Budget = Callable[[list[str], list[int], dict, BudgetProbe | None], list[int]]
-BUDGETS: dict[str, Budget] = {}
-
-
-def register_budget(name: str) -> Callable[[Budget], Budget]:
-    def add(fn: Budget) -> Budget:
-        BUDGETS[name] = fn
-        return fn
-
-    return add
+BUDGETS: Registry[Budget] = Registry("budget")
+register_budget = BUDGETS.register
 
 
 def _keep(width: int, ratio: float) -> int:
@@ -67,7 +62,7 @@ def per_layer_budget(
     """An explicit removal ratio per prunable layer, in forward order."""
     ratios = params["ratios"]
     if ratios is None or len(ratios) != len(widths):
-        raise ValueError(
+        raise InputError(
             f"prune.ratios must list one ratio per prunable layer ({len(widths)}: {', '.join(names)}), "
             f"got {ratios}"
         )
@@ -110,7 +105,7 @@ def flops_target_budget(
             if best is None or cost < best[0]:
                 best = (cost, i, fewer, flops, acc)
         if best is None:
-            raise ValueError(
+            raise InputError(
                 f"prune.flops_target {params['flops_target']}: every layer is at its minimum width "
                 f"at {current / full:.3f} of the FLOPs"
             )
@@ -198,7 +193,7 @@ def round_widths(keep: list[int], widths: list[int], multiple: int) -> list[int]
     `multiple` keeps its width.
     """
     if multiple < 1:
-        raise ValueError(f"round_to must be >= 1, got {multiple}")
+        raise InputError(f"round_to must be >= 1, got {multiple}")
     rounded = []
     for k, w in zip(keep, widths, strict=True):
         r = max(multiple, multiple * int(np.floor(k / multiple + 0.5)))
@@ -214,9 +209,7 @@ def keep_counts(
     probe: BudgetProbe | None = None,
 ) -> list[int]:
     """Channels to keep per layer under the budget, rounded to `params["round_to"]` when given."""
-    if budget not in BUDGETS:
-        raise KeyError(f"unknown budget {budget!r}; known: {', '.join(sorted(BUDGETS))}")
-    keep = BUDGETS[budget](names, widths, params, probe)
+    keep = BUDGETS.get(budget)(names, widths, params, probe)
     return round_widths(keep, widths, params.get("round_to", 1))
 
 

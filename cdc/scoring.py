@@ -8,7 +8,8 @@ from functools import partial
 import numpy as np
 
 from cdc.criteria import GRID_DISCRIMINANTS
-from cdc.discriminants import get_discriminant
+from cdc.discriminants import DISCRIMINANTS
+from cdc.errors import InputError
 from cdc.stats import GridStats, LayerStats
 
 
@@ -33,7 +34,11 @@ def score_layers(
     `coarse_blocks` = 0 scores every layer against the fine classes (no hierarchy). `eps` replaces the
     discriminant's default ridge (`rho` for `di`); `random` has none.
     """
-    fn = GRID_DISCRIMINANTS.get(discriminant) or get_discriminant(discriminant)
+    fn = (
+        GRID_DISCRIMINANTS[discriminant]
+        if discriminant in GRID_DISCRIMINANTS
+        else DISCRIMINANTS.get(discriminant)
+    )
     if eps is not None and discriminant != "random":
         fn = partial(fn, **{"rho" if discriminant in GRID_DISCRIMINANTS else "eps": eps})
     n_groups = int(fine_to_coarse.max()) + 1
@@ -42,7 +47,7 @@ def score_layers(
         coarse = i + 1 <= coarse_blocks
         labelled = st.grouped(fine_to_coarse, n_groups) if coarse else st
         if (labelled.n > 0).sum() < 2:
-            raise ValueError(f"layer {name}: images of fewer than two classes (a discriminant needs two)")
+            raise InputError(f"layer {name}: images of fewer than two classes (a discriminant needs two)")
         rng = np.random.default_rng([seed, i])
         scores = np.asarray(fn(labelled, rng), np.float64)
         if not np.isfinite(scores).all():

@@ -19,6 +19,7 @@ import numpy as np
 from cdc.data import Split
 from cdc.errors import InputError
 from cdc.images import IMAGE_SUFFIXES, FileSplit
+from cdc.registry import Registry
 
 
 @dataclass
@@ -39,29 +40,33 @@ class RawDataset:
     coarse: CoarseClasses | None = None
 
 
-DatasetLoader = Callable[[Path], RawDataset]
-DATASETS: dict[str, DatasetLoader] = {}
-# known before any data is read, so params are checked against them; None: found in the data
-CLASS_COUNTS: dict[str, int | None] = {}
+@dataclass(frozen=True)
+class DatasetSource:
+    load: Callable[[Path], RawDataset]
+    # known before any data is read, so params are checked against it; None: found in the data
+    num_classes: int | None
+
+
+DATASETS: Registry[DatasetSource] = Registry("dataset")
 COARSE_MAPS = {"cifar100_superclasses": "cifar100"}  # score.coarse_map name -> the dataset that has it
 
 
-def register_dataset(name: str, num_classes: int | None) -> Callable[[DatasetLoader], DatasetLoader]:
-    def add(loader: DatasetLoader) -> DatasetLoader:
-        DATASETS[name] = loader
-        CLASS_COUNTS[name] = num_classes
-        return loader
+def register_dataset(
+    name: str, num_classes: int | None
+) -> Callable[[Callable[[Path], RawDataset]], Callable[[Path], RawDataset]]:
+    def add(load: Callable[[Path], RawDataset]) -> Callable[[Path], RawDataset]:
+        DATASETS.add(name, DatasetSource(load, num_classes))
+        return load
 
     return add
 
 
 def load_raw(name: str, root: Path) -> RawDataset:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    source = DATASETS.get(name)
     root = Path(root)
     if not root.exists():
         raise InputError(f"{root}: data.root of dataset {name} not found", root)
-    return DATASETS[name](root)
+    return source.load(root)
 
 
 def _torchvision_split(dataset: object) -> Split:

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cdc import distributed
-from cdc.errors import PREEMPTED_STATUS, Preempted
+from cdc.errors import PREEMPTED_STATUS, InputError, Preempted
 from components.stages import STAGE_BY_NAME, STAGES, Stage, option
 
 log = logging.getLogger("cdc")
@@ -216,7 +215,7 @@ def summary(metrics_path: Path, params_path: str) -> None:
     from components.evaluate import summary_table
 
     if not metrics_path.exists():
-        raise FileNotFoundError(f"{metrics_path} not found: run the pipeline first (`make run`)")
+        raise InputError(f"{metrics_path} not found: run the pipeline first (`make run`)")
     batch_sizes = load_params(params_path).evaluate.latency_batch_sizes
     print(summary_table(read_json(metrics_path), batch_sizes))
 
@@ -224,6 +223,8 @@ def summary(metrics_path: Path, params_path: str) -> None:
 def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None = None) -> int:
     extensions = extensions or {}
     args = build_parser(extensions).parse_args(argv)
+    from cdc import distributed
+
     follower = distributed.is_follower()  # rank 0 speaks for all
     logging.basicConfig(
         level=logging.WARNING if follower else logging.DEBUG if args.verbose else logging.INFO,
@@ -245,12 +246,16 @@ def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None 
 
             sys.stdout.write(GENERATED_HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=120))
             return 0
+        if getattr(args, "nproc", 1) < 1:  # 0 would quietly run as one process
+            raise InputError(f"--nproc (or ${NPROC_ENV}) must be a whole number >= 1, got {args.nproc}")
+        from cdc import distributed
+
         if getattr(args, "nproc", 1) > 1 and not distributed.launched():
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
         run_stage(args.stage, args)
         return 0
-    except (FileNotFoundError, ValueError, KeyError) as err:  # InputError and ParamsError among them
-        log.error("%s", err, exc_info=args.verbose)  # one line; the traceback with -v
+    except InputError as err:  # the user's to fix (a bad param or file): one line, the traceback with -v
+        log.error("%s", err, exc_info=args.verbose)
         return 2
     except Preempted as stopped:
         log.warning("%s; a checkpoint was saved: rerun to resume", stopped)

@@ -20,6 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cdc.data import Prepared, load_prepared
+from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.inference import inference_forward
 from cdc.io import atomic_path, read_json, write_json
@@ -49,7 +50,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     recalibrate_pruned(models["pruned"], data, params, device)
 
     if p.latency_form == "onnxruntime" and device.type != "cpu":
-        raise ValueError(f"evaluate.latency_form onnxruntime runs on CPU only; the stage runs on {device}")
+        raise InputError(f"evaluate.latency_form onnxruntime runs on CPU only; the stage runs on {device}")
     metrics: dict = {}
     for name, model in models.items():
         metrics[name] = {

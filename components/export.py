@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cdc.data import load_prepared
+from cdc.errors import InputError
 from cdc.inference import (
     Deployable,
     export_onnx,
@@ -73,7 +74,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         checks[form] = {"max_abs_diff": worst, "relative_diff": worst / scale, "same_class": agree}
         tracker.log_metrics({f"{form}.relative_diff": worst / scale, f"{form}.same_class": agree})
         if worst > p.tolerance * scale:
-            raise ValueError(
+            raise InputError(
                 f"the {form} export differs from the PyTorch student by {worst:.3g} (largest logit "
                 f"{scale:.3g}, export.tolerance {p.tolerance}): not exported"
             )

@@ -26,6 +26,7 @@ from cdc.data import (
     stratified_split,
     stratified_subset,
 )
+from cdc.errors import InputError
 from cdc.images import FileSplit, check_image, decode_all, file_md5
 from cdc.io import atomic_path, write_json
 from cdc.params import Params
@@ -50,7 +51,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             splits[name] = given.subset(stratified_subset(given.labels, limit, params.seed))
             continue
         if p.val_size >= len(full):
-            raise ValueError(
+            raise InputError(
                 f"data.val_size={p.val_size} leaves no training images (only {len(full)} available)"
             )
         fit_idx, held_idx = stratified_split(full.labels, p.val_size / len(full), params.seed)

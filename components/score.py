@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cdc.criteria import get_criterion, taylor_scores, weight_scores
+from cdc.criteria import CRITERIA, taylor_scores, weight_scores
 from cdc.data import load_prepared
 from cdc.errors import InputError
 from cdc.hierarchy import coarse_block_count, coarse_groups
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.score
-    criterion = get_criterion(p.criterion)
+    criterion = CRITERIA.get(p.criterion)
     stats = read_stats(inputs["stats"])
     classes, matrix = checked.confusion(inputs["confusion"])
     teacher = load_model(inputs["teacher"], "teacher model")[0]
@@ -44,7 +44,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         )
     elif p.coarse_map is not None:
         if len(p.coarse_map) != len(classes) or min(p.coarse_map) < 0:
-            raise ValueError(
+            raise InputError(
                 f"score.coarse_map must give a group id >= 0 for each of the {len(classes)} classes, "
                 f"got {p.coarse_map}"
             )
@@ -58,7 +58,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     elif criterion.source == "grid":
         grid = read_grid_stats(inputs["grid"])
         if list(grid) != list(stats):
-            raise ValueError(
+            raise InputError(
                 f"score.criterion {p.criterion} needs the pooled-grid statistics in {inputs['grid']}, "
                 "which has none: set dump_stats.grid (e.g. 4) and rerun dump_stats"
             )
@@ -116,12 +116,12 @@ def model_scores(
     runtime = stage_runtime(params, tracker)
     teacher = load_model(inputs["teacher"])[0].to(runtime.device)
     data = load_prepared(inputs["prepared"], params.data.workers)
-    if get_criterion(p.criterion).source == "weights":
+    if CRITERIA.get(p.criterion).source == "weights":
         teacher.cpu()
         by_layer = weight_scores(p.criterion, teacher, data.input_shape)
     else:
         batches = data.batches("train", 128, shuffle=True, seed=params.seed, device=runtime.device)
         by_layer = taylor_scores(teacher, batches, p.taylor_batches)
     if list(by_layer) != layers:
-        raise ValueError(f"{inputs['teacher']} has prunable layers {list(by_layer)}, the statistics {layers}")
+        raise InputError(f"{inputs['teacher']} has prunable layers {list(by_layer)}, the statistics {layers}")
     return [LayerScores(name, "none", np.asarray(s, np.float64)) for name, s in by_layer.items()]

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from cdc.errors import InputError
 from components.stages import STAGES
 from components.tracking import HASH_SCHEME, HASH_TAG, PLATFORM_TAG
 
@@ -43,7 +44,7 @@ DESCRIPTION = """Audit what produced an artifact and what changed between runs.
 MLflow is read from MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db in this directory)."""
 
 
-class LineageError(ValueError):
+class LineageError(InputError):
     """A target or revision that cannot be resolved, with what was tried."""
 
 

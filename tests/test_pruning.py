@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, save_model
 from cdc.models import MODELS, build_model
@@ -30,7 +31,7 @@ def test_budgets():
     assert keep_counts("per_layer", ["a", "b"], [16, 64], {"ratios": [0.25, 0.0]}) == [12, 64]
     with pytest.raises(ValueError, match="one ratio per prunable layer"):
         keep_counts("per_layer", ["a", "b"], [16, 64], {"ratios": [0.25]})
-    with pytest.raises(KeyError, match="uniform"):
+    with pytest.raises(InputError, match="unknown budget 'nope'; known budgets: .*uniform"):
         keep_counts("nope", ["a"], [4], {})
 
 

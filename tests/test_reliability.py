@@ -233,6 +233,20 @@ BAD_INPUTS = [
     ),
     BadInput(
         P,
+        "a section given twice (YAML would keep the last: every other prune key back to its default)",
+        "prune",
+        lambda t, r: raw_params((r / "params.yaml").read_text() + "prune:\n  ratio: 0.9\n")(t, r),
+        ("'prune' is given twice", "line"),
+    ),
+    BadInput(
+        P,
+        "--nproc 0",
+        "dump_stats",
+        lambda t, r: ["--nproc", "0"],
+        ("--nproc", ">= 1", "got 0"),
+    ),
+    BadInput(
+        P,
         "params file is a list, not sections",
         "train_teacher",
         raw_params("- seed\n- 0\n"),
@@ -686,6 +700,31 @@ def test_the_cli_process_prints_one_line_and_no_traceback(finished, tmp_path: Pa
     ok = proc.returncode == 2 and len(lines) == 1 and "YAML syntax error" in lines[0]
     record(P, "YAML syntax error, as a process", f"exit {proc.returncode}: {lines}", ok, unclear=not ok)
     assert ok, proc.stdout + proc.stderr
+
+
+def test_a_bug_inside_a_stage_shows_its_traceback_and_is_not_a_bad_input(finished, tmp_path: Path):
+    """Only the project's input errors are the user's one-line exit 2: a KeyError raised by the
+    stage's own work (a bug) ends the real `cdc` process with its traceback and exit status 1, and
+    the stage's outputs stay as they were."""
+    repo, env = finished
+    watched = outputs_of("prune", repo)
+    before = state_of(watched)
+    script = (
+        "import sys\n"
+        "import components.prune as stage\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise KeyError('widths')  # a bug, hours into a stage\n"
+        "stage.run = broken\n"
+        "from pipeline.cli import main\n"
+        "sys.exit(main(['prune']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True)
+    ok = proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'widths'" in proc.stderr
+    ok = ok and state_of(watched) == before
+    record(
+        "bugs", "a KeyError inside the stage's work (a bug)", f"exit {proc.returncode}, traceback shown", ok
+    )
+    assert ok, proc.stderr[-2000:]
 
 
 def test_a_pickle_payload_is_refused_and_never_runs(finished, tmp_path: Path, monkeypatch, caplog, capsys):
