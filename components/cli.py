@@ -102,17 +102,26 @@ def torchrun(nproc: int, module_args: list[str]) -> int:
 
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> None:
-    from cdc.params import load_params
-    from components.runner import execute
+    from cdc import distributed
+    from components.tracking import early_run_log
 
-    params = load_params(args.params)
-    inputs = {name: getattr(args, name) for name in stage.inputs}
-    for name, key in stage.param_paths.items():
-        if inputs[name] is None:
-            inputs[name] = Path(params.get(key))
-    outputs = {name: getattr(args, name) for name in stage.outputs}
-    flags = {flag: getattr(args, flag) for flag in stage.flags}
-    execute(stage, params, inputs, outputs, **flags)
+    # MLflow loads in a tracking worker while this process loads torch and checks the params
+    run_log = None if distributed.is_follower() else early_run_log()
+    try:
+        from cdc.params import load_params
+        from components.runner import execute
+
+        params = load_params(args.params)
+        inputs = {name: getattr(args, name) for name in stage.inputs}
+        for name, key in stage.param_paths.items():
+            if inputs[name] is None:
+                inputs[name] = Path(params.get(key))
+        outputs = {name: getattr(args, name) for name in stage.outputs}
+        flags = {flag: getattr(args, flag) for flag in stage.flags}
+        execute(stage, params, inputs, outputs, run_log=run_log, **flags)
+    finally:
+        if run_log is not None:
+            run_log.close()
 
 
 def repro(dvc_args: list[str]) -> int:

@@ -17,7 +17,7 @@ from cdc.errors import InputError
 from cdc.io import remove
 from cdc.params import Params
 from components.stages import STAGES, Stage
-from components.tracking import StageTracker, stage_run
+from components.tracking import RunLog, SilentRunLog, StageTracker, stage_run
 
 
 def execute(
@@ -27,6 +27,7 @@ def execute(
     outputs: dict[str, Path],
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    run_log: RunLog | None = None,
     **flags: Any,
 ) -> None:
     """Check the inputs exist, then run `stage` with its params sections logged to MLflow; its
@@ -50,18 +51,11 @@ def execute(
         if distributed.is_follower():
             return _follow(module, params, inputs, outputs, stage, **flags)
         tags = {**(tags or {}), "cdc.nproc": os.environ["WORLD_SIZE"]}
-    with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags) as tracker:
+    with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags, run_log) as tracker:
         start = time.perf_counter()
         with staged(outputs, keep=stage.persist) as staging:
             module.run(params, inputs, staging, tracker, **flags)
         tracker.log_metrics({"timing.stage_s": time.perf_counter() - start})
-
-
-class _Silent:
-    """An MLflow stand-in that records nothing: a follower rank's metrics are rank 0's."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
 
 
 def _follow(
@@ -71,7 +65,7 @@ def _follow(
     nothing: outputs go to a scratch folder, checkpoints are rank 0's to write (components/checkpoint.py)."""
     with tempfile.TemporaryDirectory(prefix=f"cdc-{stage.name}-rank") as scratch:
         paths = {n: p if n in stage.persist else Path(scratch) / Path(p).name for n, p in outputs.items()}
-        module.run(params, inputs, paths, StageTracker(_Silent()), **flags)
+        module.run(params, inputs, paths, StageTracker(SilentRunLog()), **flags)
 
 
 @contextmanager

@@ -11,10 +11,12 @@ import json
 import logging
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cdc.errors import InputError
 
@@ -34,23 +36,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def setup_mlflow() -> Any:
-    """MLflow on `tracking_uri()`, in the experiment `$CDC_EXPERIMENT` (default cdc), created on first
-    use with its artifacts on S3 when `CDC_S3_BUCKET` is set (components/storage.py), else next to a
-    SQLite store in ./mlartifacts (else the tracking server's default)."""
-    import mlflow
-
+def resolve_tracking() -> None:
+    """Settle where this process tracks, without loading MLflow: the S3 and HTTP client settings into the
+    environment (a tracking worker inherits them); a tracking server that does not answer raises
+    `TrackingUnavailable` now, before any work (or, with `CDC_TRACKING_FALLBACK=local`, is replaced by
+    ./mlflow.db with a warning)."""
     from components.storage import S3Settings, client_env
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     s3 = S3Settings.from_env()
     if s3 is not None:
         for key, value in client_env(s3).items():
             os.environ.setdefault(key, value)
-    for (
-        key,
-        value,
-    ) in HTTP_DEFAULTS.items():  # MLflow's own: 7 retries, minutes per call when a server is gone
+    for key, value in HTTP_DEFAULTS.items():  # MLflow's own: 7 retries, minutes per call with no server
         os.environ.setdefault(key, value)
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -64,6 +61,19 @@ def setup_mlflow() -> Any:
                 f"MLflow tracking server {uri} unreachable ({problem}); start it, unset MLFLOW_TRACKING_URI "
                 f"to track into ./mlflow.db, or set {FALLBACK_ENV}=local to log locally this time"
             )
+
+
+def setup_mlflow() -> Any:
+    """MLflow on `tracking_uri()`, in the experiment `$CDC_EXPERIMENT` (default cdc), created on first
+    use with its artifacts on S3 when `CDC_S3_BUCKET` is set (components/storage.py), else next to a
+    SQLite store in ./mlartifacts (else the tracking server's default)."""
+    import mlflow
+
+    from components.storage import S3Settings
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    resolve_tracking()
+    s3 = S3Settings.from_env()
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
@@ -186,33 +196,38 @@ def _flatten(prefix: str, obj: Any) -> dict[str, Any]:
 class StageTracker:
     """Per-step metrics for a stage, so stages never import MLflow (`stage_run` logs the outputs)."""
 
-    def __init__(self, mlflow: Any, guard: LostLogging | None = None) -> None:
-        self._mlflow = mlflow
-        self._guard = guard or LostLogging()
+    def __init__(self, run: RunLog) -> None:
+        self._run = run
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self._guard.call(self._mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step)
+        now = int(time.time() * 1000)  # when measured, not when a tracking worker gets to it
+        self._run.log_metrics({k: float(v) for k, v in metrics.items()}, step, now)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._guard.call(self._mlflow.set_tags, tags)
+        self._run.set_tags(tags)
 
     def register_model(
         self, model: Any, name: str, example: Any, example_output: Any, tags: dict[str, str]
     ) -> str:
         """Log `model` on this run (torch.export format, signature from the example) and register it
-        as `name` with the alias `candidate`; the version's tags lead back to this run and its lineage."""
+        as `name` with the alias `candidate`; the version's tags lead back to this run and its lineage.
+        MLflow is loaded in this process for it (the model is here), whichever process logs the rest."""
+        from contextlib import nullcontext
+
         from mlflow.models import infer_signature
 
-        mlflow = self._mlflow
-        run = mlflow.active_run()
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, example_output),
-            input_example=example,
-            serialization_format="pt2",
-            registered_model_name=name,
-        )
+        mlflow = setup_mlflow()
+        active = mlflow.active_run()
+        here = active is not None and active.info.run_id == self._run.run_id
+        with nullcontext(active) if here else mlflow.start_run(run_id=self._run.run_id) as run:
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, example_output),
+                input_example=example,
+                serialization_format="pt2",
+                registered_model_name=name,
+            )
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(name, CANDIDATE, version)
@@ -227,6 +242,142 @@ class StageTracker:
         return version
 
 
+Outputs = list[tuple[str, str, str]]  # (output name, path, md5) of each output the stage wrote
+
+
+class RunLog(Protocol):
+    """Where a stage's MLflow run is logged from: this process (`LocalRunLog`) or a tracking worker
+    process (`WorkerRunLog`); `finish` answers (calls dropped, the first failure) as `LostLogging` saw."""
+
+    run_id: str
+
+    def start(self, name: str, parent: str | None, tags: dict[str, str], params: dict[str, Any]) -> str: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def finish(self, status: str, outputs: Outputs) -> tuple[int, str | None]: ...
+
+
+class LocalRunLog:
+    """A stage's MLflow run logged from this process."""
+
+    def __init__(self) -> None:
+        self.mlflow = setup_mlflow()
+        self.guard = LostLogging()
+        self.run_id = ""
+
+    def start(self, name: str, parent: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
+        self.run_id = self.mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags).info.run_id
+        self.guard.call(self.mlflow.log_params, _flatten("", params))
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None:
+        self.guard.call(self.mlflow.log_metrics, metrics, step=step, timestamp=timestamp)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.guard.call(self.mlflow.set_tags, tags)
+
+    def finish(self, status: str, outputs: Outputs) -> tuple[int, str | None]:
+        if status == "FINISHED":
+            for name, path, digest in outputs:
+                self.guard.call(self.mlflow.set_tag, f"cdc.output.{name}.md5", digest)
+                self.guard.call(self.mlflow.set_tag, f"cdc.output.{name}.path", path)
+                if Path(path).is_file() and Path(path).stat().st_size < 50 * 2**20:
+                    self.guard.call(self.mlflow.log_artifact, path, artifact_path=name)
+                elif Path(path).is_dir() and name != "checkpoints":
+                    self.guard.call(self.mlflow.log_artifacts, path, artifact_path=name)
+        self.guard.call(self.mlflow.end_run, status=status)
+        return self.guard.dropped, _short(self.guard.first) if self.guard.first else None
+
+
+class SilentRunLog:
+    """Records nothing: a follower rank's metrics are rank 0's."""
+
+    run_id = ""
+
+    def start(self, name: str, parent: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
+        return ""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def finish(self, status: str, outputs: Outputs) -> tuple[int, str | None]:
+        return 0, None
+
+
+class WorkerRunLog:
+    """A stage's MLflow run logged by a tracking worker process (`components/tracking_worker.py`).
+
+    Importing MLflow and opening its SQL store costs about 3.5 s on 2 cores, as much as importing torch:
+    started first, the worker does it on the other core while the stage imports torch and validates its
+    params. The stage waits for the run to be open before its work starts (a tracking error still stops it
+    before any work), then hands over metrics and tags as JSON lines without waiting.
+    """
+
+    def __init__(self) -> None:
+        resolve_tracking()  # an unreachable server fails here, in this process, before the worker starts
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "components.tracking_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.run_id = ""
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        with suppress(BrokenPipeError, ValueError):  # the worker is gone: `finish` reports it
+            self.proc.stdin.write(json.dumps(message) + "\n")
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            return {"error": f"the MLflow tracking worker exited with status {self.proc.wait()}"}
+        return json.loads(line)
+
+    def start(self, name: str, parent: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
+        self._send({"op": "start", "name": name, "parent": parent, "tags": tags, "params": params})
+        answer = self._answer()
+        if "error" in answer:
+            self.close()
+            error = InputError if answer.get("input_error") else RuntimeError
+            raise error(answer["error"])
+        self.run_id = answer["run_id"]
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None, timestamp: int) -> None:
+        self._send({"op": "metrics", "metrics": metrics, "step": step, "timestamp": timestamp})
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send({"op": "tags", "tags": tags})
+
+    def finish(self, status: str, outputs: Outputs) -> tuple[int, str | None]:
+        self._send({"op": "finish", "status": status, "outputs": outputs})
+        answer = self._answer()
+        self.close()
+        if "error" in answer:
+            return 1, answer["error"]
+        return answer["dropped"], answer["first"]
+
+    def close(self) -> None:
+        """Let the worker go (idempotent): unstarted, it exits at once; started, it ends the run KILLED."""
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                with suppress(BrokenPipeError):
+                    pipe.close()
+        self.proc.wait()
+
+
+def early_run_log() -> WorkerRunLog | None:
+    """A tracking worker started now, so that MLflow loads while this process loads torch (`stage_run`
+    takes it); None where MLflow is loaded already (Kubeflow tasks, tests): the run is logged in-process."""
+    return None if "mlflow" in sys.modules else WorkerRunLog()
+
+
 @contextmanager
 def stage_run(
     stage: str,
@@ -235,9 +386,10 @@ def stage_run(
     outputs: dict[str, Path],
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    run_log: RunLog | None = None,
 ) -> Iterator[StageTracker]:
-    """One MLflow run for a stage, nested under `parent_run_id` (default: `$CDC_PARENT_RUN_ID`)."""
-    mlflow = setup_mlflow()
+    """One MLflow run for a stage, nested under `parent_run_id` (default: `$CDC_PARENT_RUN_ID`), logged
+    by `run_log` (default: in this process when MLflow is loaded, else by a tracking worker)."""
     parent = parent_run_id or os.environ.get(PARENT_ENV) or None
     from cdc.device import float_platform
 
@@ -250,31 +402,21 @@ def stage_run(
     }
     tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
     tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
-    run = mlflow.start_run(run_name=stage, parent_run_id=parent, tags=tags)
-    log.info("MLflow run %s (%s)", run.info.run_id, stage)
-    guard = LostLogging()
+    run = run_log or (LocalRunLog() if "mlflow" in sys.modules else WorkerRunLog())
+    run_id = run.start(stage, parent, tags, params)
+    log.info("MLflow run %s (%s)", run_id, stage)
     try:
-        guard.call(mlflow.log_params, _flatten("", params))
-        yield StageTracker(mlflow, guard)
+        yield StageTracker(run)
     except BaseException:
-        guard.call(mlflow.end_run, status="FAILED")
+        run.finish("FAILED", [])
         raise
-    for name, path in outputs.items():
-        path = Path(path)
-        if not path.exists():
-            continue
-        guard.call(mlflow.set_tag, f"cdc.output.{name}.md5", md5(path))
-        guard.call(mlflow.set_tag, f"cdc.output.{name}.path", str(path))
-        if path.is_file() and path.stat().st_size < 50 * 2**20:
-            guard.call(mlflow.log_artifact, str(path), artifact_path=name)
-        elif path.is_dir() and name != "checkpoints":
-            guard.call(mlflow.log_artifacts, str(path), artifact_path=name)
-    guard.call(mlflow.end_run)
-    if guard.first is not None:
+    written = [(name, str(p), md5(p)) for name, p in ((n, Path(p)) for n, p in outputs.items()) if p.exists()]
+    dropped, first = run.finish("FINISHED", written)
+    if first is not None:
         log.warning(
             "MLflow lost %d logging calls of run %s (first: %s); the stage's outputs are complete, its "
             "MLflow record is not (`cdc lineage verify` will flag it)",
-            guard.dropped,
-            run.info.run_id,
-            _short(guard.first),
+            dropped,
+            run_id,
+            first,
         )
