@@ -63,22 +63,34 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 @pytest.fixture(scope="session")
 def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
-    """The output of one `cdc repro` of the tiny profile (every stage runs); its dvc.lock is kept aside
-    (`first_lock`) since later tests change the workspace."""
+    """The output of the one `cdc repro` of the tiny profile (every stage runs). The workspace stays as
+    that run left it: a test that changes anything there works in a copy (`repro_copy`)."""
     ws, env = workspace
     # credentials in the environment must not end up in any output (tests/test_reliability.py greps)
-    out = run_ok(["cdc", "repro"], ws, {**env, **CREDENTIAL_SENTINELS})
-    for kept in ("dvc.lock", "metrics/evaluate.json"):
-        shutil.copy(ws / kept, ws.parent / f"first_repro.{Path(kept).name}")
-    return out
+    return run_ok(["cdc", "repro"], ws, {**env, **CREDENTIAL_SENTINELS})
 
 
 @pytest.fixture(scope="session")
 def first_records(workspace: tuple[Path, dict[str, str]], first_repro: str) -> tuple[dict, dict]:
-    """(dvc.lock, metrics/evaluate.json) of the first `cdc repro`, as they were when it ended."""
+    """(dvc.lock, metrics/evaluate.json) of the first `cdc repro`."""
     ws, _ = workspace
-    kept = [(ws.parent / f"first_repro.{name}").read_text() for name in ("dvc.lock", "evaluate.json")]
-    return yaml.safe_load(kept[0]), json.loads(kept[1])
+    return yaml.safe_load((ws / "dvc.lock").read_text()), json.loads(
+        (ws / "metrics/evaluate.json").read_text()
+    )
+
+
+def copy_workspace(workspace: tuple[Path, dict[str, str]], dest: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the finished tiny workspace at `dest` (its git, DVC cache and MLflow store too), and the
+    environment that tracks into the copy's store."""
+    ws, env = workspace
+    shutil.copytree(ws, dest, symlinks=True)
+    return dest, {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}
+
+
+@pytest.fixture
+def repro_copy(workspace: tuple[Path, dict[str, str]], first_repro: str, tmp_path: Path) -> tuple[Path, dict]:
+    """This test's own copy of the finished tiny workspace, free to change."""
+    return copy_workspace(workspace, tmp_path / "repo")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

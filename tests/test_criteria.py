@@ -234,8 +234,8 @@ def test_global_budget_meets_the_target_from_the_lowest_scores():
     assert keep[0] == widths[0]  # the layer with the highest scores loses nothing
 
 
-def test_every_criterion_scores_through_the_score_stage(first_repro, workspace, monkeypatch):
-    ws, _ = workspace
+def test_every_criterion_scores_through_the_score_stage(repro_copy, monkeypatch):
+    ws, _ = repro_copy
     monkeypatch.chdir(ws)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws / 'criteria.db'}")
     monkeypatch.delenv("CDC_PARENT_RUN_ID", raising=False)

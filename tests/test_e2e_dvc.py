@@ -97,9 +97,9 @@ def test_second_repro_reruns_nothing(workspace, first_repro):
     assert _stages_run(out) == []
 
 
-def test_forced_rerun_gives_byte_identical_statistics_scores_and_widths(workspace, first_repro):
+def test_forced_rerun_gives_byte_identical_statistics_scores_and_widths(repro_copy):
     """Same params on CPU -> the same bytes: lineage audits compare hashes."""
-    ws, env = workspace
+    ws, env = repro_copy
 
     def hashes() -> dict[str, str]:
         lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
@@ -113,8 +113,8 @@ def test_forced_rerun_gives_byte_identical_statistics_scores_and_widths(workspac
     assert hashes() == before
 
 
-def test_changing_a_distillation_param_reruns_only_distill_and_what_follows(workspace, first_repro):
-    ws, env = workspace
+def test_changing_a_distillation_param_reruns_only_distill_and_what_follows(repro_copy):
+    ws, env = repro_copy
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["distill"]["temperature"] = 2.0
     (ws / "params.yaml").write_text(yaml.safe_dump(params))

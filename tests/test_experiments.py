@@ -4,13 +4,12 @@ with `dvc exp show` and `dvc metrics diff`, in a copy of the tiny `dvc repro` wo
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_ok
+from tests.conftest import copy_workspace, run_ok
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +28,7 @@ def _numbers(entry: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def experiment(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    ws, env = workspace
-    repo = tmp_path_factory.mktemp("exp") / "repo"
-    shutil.copytree(ws, repo, symlinks=True)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    run_ok(["dvc", "repro"], repo, env)  # the copy is up to date whatever other tests changed
+    repo, env = copy_workspace(workspace, tmp_path_factory.mktemp("exp") / "repo")
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "baseline", "--allow-empty"], repo, env)
     run_ok(["dvc", "exp", "run", "-n", "ratio-0.3", "-S", "prune.ratio=0.3"], repo, env)

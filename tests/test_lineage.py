@@ -23,7 +23,7 @@ from cdc.params import Params
 from components.stages import STAGE_BY_NAME, STAGES
 from components.tracking import md5
 from pipeline import lineage
-from tests.conftest import TINY, run_ok
+from tests.conftest import TINY, copy_workspace, run_ok
 
 pytestmark = pytest.mark.e2e
 STAGE_NAMES = [s.name for s in STAGES]
@@ -31,14 +31,8 @@ STAGE_NAMES = [s.name for s in STAGES]
 
 @pytest.fixture(scope="module")
 def audited(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A copy of the tiny workspace after its `cdc repro`, brought up to date whatever other tests
-    changed there (their stage runs are in the copied MLflow store too)."""
-    ws, env = workspace
-    repo = tmp_path_factory.mktemp("lineage") / "repo"
-    shutil.copytree(ws, repo, symlinks=True)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    run_ok(["dvc", "repro"], repo, env)
-    return repo, env
+    """A copy of the tiny workspace after its `cdc repro`."""
+    return copy_workspace(workspace, tmp_path_factory.mktemp("lineage") / "repo")
 
 
 def cdc(args: list[str], ws: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

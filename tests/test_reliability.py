@@ -33,20 +33,15 @@ from cdc.models import build_model
 from components.cli import main
 from components.stages import STAGE_BY_NAME
 from components.tracking import md5
-from tests.conftest import CREDENTIAL_SENTINELS
+from tests.conftest import CREDENTIAL_SENTINELS, copy_workspace
 from tests.reliability_record import record
 from tests.workspace import REPO, run_ok
 
 
 @pytest.fixture(scope="module")
 def finished(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A copy of the tiny workspace after its `cdc repro`, brought up to date."""
-    ws, env = workspace
-    repo = tmp_path_factory.mktemp("reliability") / "repo"
-    shutil.copytree(ws, repo, symlinks=True)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    run_ok(["dvc", "repro"], repo, env)
-    return repo, env
+    """A copy of the tiny workspace after its `cdc repro`."""
+    return copy_workspace(workspace, tmp_path_factory.mktemp("reliability") / "repo")
 
 
 def state_of(paths: list[Path]) -> dict[str, str]:
@@ -935,17 +930,33 @@ def test_sigkill_from_outside_leaves_the_previous_outputs_intact(finished, tmp_p
     rerun = subprocess.run(["cdc", "dump_stats"], cwd=ws, env=env, capture_output=True, text=True)
     cleared = rerun.returncode == 0 and not list((ws / "data/stats").glob(".*"))
     same = all(md5(p) == before[p] for p in watched)
-    ok = proc.returncode == -signal.SIGKILL and not changed and cleared and same
+    # the tracking worker outlives the stage process: it ends the killed stage's run as KILLED
+    runs = stage_runs(env, "dump_stats")
+    recorded = [r.info.status for r in runs[:2]] == ["FINISHED", "KILLED"]
+    ok = proc.returncode == -signal.SIGKILL and not changed and cleared and same and recorded
     record(
         "kill",
         "`cdc dump_stats` SIGKILLed from outside while at work",
         f"exit {proc.returncode}; declared outputs changed: {len(changed)}; staging leftovers "
-        f"{leftovers or 'none'} cleared by the rerun: {cleared}; rerun wrote the same bytes: {same}",
+        f"{leftovers or 'none'} cleared by the rerun: {cleared}; rerun wrote the same bytes: {same}; "
+        f"MLflow run of the killed stage ended KILLED: {recorded}",
         ok,
         lost=len(changed),
     )
     assert proc.returncode == -signal.SIGKILL and not changed, changed
     assert cleared and same, rerun.stderr[-2000:]
+    assert recorded, [(r.info.run_id, r.info.status) for r in runs]
+
+
+def stage_runs(env: dict[str, str], stage: str) -> list:
+    """The MLflow runs of `stage` in the store of `env`, newest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("cdc")
+    return client.search_runs(
+        [experiment.experiment_id], f"tags.`cdc.stage` = '{stage}'", order_by=["attributes.start_time DESC"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------- numerics

@@ -90,14 +90,9 @@ def keys(endpoint: str, prefix: str) -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_dvc_push_then_pull_into_an_emptied_workspace_gives_the_same_bytes(
-    s3, workspace, first_repro, tmp_path: Path
-):
-    ws, env = workspace
-    repo = tmp_path / "repo"
-    shutil.copytree(ws, repo, symlinks=True)
-    env = s3_env({**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}, s3)
-    run_ok(["dvc", "repro"], repo, env)  # up to date whatever other tests changed
+def test_dvc_push_then_pull_into_an_emptied_workspace_gives_the_same_bytes(s3, repro_copy):
+    repo, env = repro_copy
+    env = s3_env(env, s3)
     stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     outs_in_cache = [
         p for name, entry in stages.items() for p in lineage.outs(entry) if not _uncached(repo, name, p)
