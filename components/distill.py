@@ -17,24 +17,14 @@ from torch import nn
 from cdc import distributed
 from cdc.data import AnySplit, Prepared, load_prepared, stratified_subset
 from cdc.dca import accumulate_scatter, align_signs, feature_tap, fit_dca, pooled_features
-from cdc.errors import Preempted
 from cdc.io import save_model, write_json
 from cdc.models import PrunableNet
 from cdc.params import Params
-from cdc.train import (
-    EpochTotals,
-    TrainingDiverged,
-    evaluate,
-    kd_loss,
-    recalibrate_bn,
-    sgd,
-    train_one_epoch,
-    warmup_cosine,
-)
+from cdc.train import EpochResult, evaluate, kd_loss, recalibrate_bn, sgd, warmup_cosine
 from components import inputs as checked
-from components.checkpoint import Checkpoints, failpoint, fingerprint, stop_on_sigterm
+from components.checkpoint import Checkpoints, fingerprint
+from components.epochs import EpochLoop
 from components.history import record_epoch, write_history
-from components.progress import progress
 from components.runtime import parallel, stage_runtime
 from components.tracking import StageTracker
 
@@ -79,43 +69,40 @@ def run(
     optimizer = sgd(student, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), 0)
     parts: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
-    history: list[dict[str, float]] = []
-    start, partial = 0, None
+    loop = EpochLoop(
+        "distill",
+        student,
+        optimizer,
+        scheduler,
+        train,
+        val,
+        checkpoints,
+        runtime,
+        f"distill.lr (now {p.lr})",
+        extra=lambda totals: {"w_student": w_s.cpu(), "parts": summed(parts) if totals else {}},
+    )
     if state is not None:
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        train.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        loop.restore(state)
         w_s = state["w_student"].to(device)
-        history, start, partial = state["history"], state["epoch"], state["epoch_totals"]
         if distributed.current().is_main:  # the checkpoint's sums are over every rank
             parts.update(
                 {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in state["parts"].items()}
             )
-        at = f" step {partial['steps']}" if partial else ""
-        log.info("resumed from %s after epoch %d%s", checkpoints.last, start, at)
 
-    def snapshot(epoch: int, generator: torch.Tensor, totals: EpochTotals | None) -> dict:
-        return {
-            "model": student.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "generator": generator,  # mid-epoch: the state the epoch started from, to redraw its batches
-            "torch_rng": torch.get_rng_state(),
-            "w_student": w_s.cpu(),
-            "parts": summed(parts) if totals else {},
-            "history": history,
-            "epoch": epoch,
-            "epoch_totals": totals.state() if totals else None,
-        }
+    def before_epoch(epoch: int, resumed: bool) -> None:
+        nonlocal w_s
+        if resumed:  # a resumed epoch keeps the basis it started with, and its sums
+            return
+        if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
+            w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca).to(device)
+        parts.clear()
+
+    def after_epoch(epoch: int, tr: EpochResult, va: EpochResult) -> None:
+        losses = {f"{k}_loss": v / len(data.train) for k, v in summed(parts).items()}
+        record_epoch(loop.history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
 
     net = parallel(student, runtime, sync_bn)
-    with (
-        feature_tap(teacher, layer) as t_tap,
-        feature_tap(student, layer) as s_tap,
-        stop_on_sigterm() as stop,
-    ):
+    with feature_tap(teacher, layer) as t_tap, feature_tap(student, layer) as s_tap:
 
         def step_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
@@ -130,39 +117,8 @@ def run(
                 parts[name] = parts.get(name, 0.0) + value.detach().double() * len(y)
             return ce + p.kd_weight * kd + p.dca_weight * feat, s_logits
 
-        for epoch in range(start, p.epochs):
-            if partial is None:  # a resumed epoch keeps the basis it started with
-                if epoch > 0 and epoch % p.refit_every == 0 and p.dca_weight > 0:
-                    w_s = refit_student_basis(student, fit_split, data, layer, pool, label_map, dca).to(
-                        device
-                    )
-                parts.clear()
-            epoch_start = train.generator.get_state()
-
-            def after_step(
-                totals: EpochTotals, epoch: int = epoch, epoch_start: torch.Tensor = epoch_start
-            ) -> None:
-                failpoint("distill.step", epoch * len(train) + totals.steps)
-                if stop.requested:
-                    checkpoints.save(snapshot(epoch, epoch_start, totals))
-                    raise Preempted(f"distill stopped in epoch {epoch + 1} after step {totals.steps}")
-
-            bar = progress(train, f"distill epoch {epoch + 1}/{p.epochs}")
-            totals = EpochTotals(runtime.device, EpochTotals.resumed(partial, distributed.current().is_main))
-            partial = None
-            try:
-                tr = train_one_epoch(net, bar, optimizer, scheduler, step_loss, runtime, totals, after_step)
-            except TrainingDiverged as err:
-                raise TrainingDiverged(
-                    f"distill epoch {epoch + 1}: {err}; the last good checkpoint is {checkpoints.last} "
-                    f"(epoch {epoch}); lower distill.lr (now {p.lr}) and rerun"
-                ) from None
-            va = evaluate(student, val)
-            n = len(data.train)
-            losses = {f"{k}_loss": v / n for k, v in summed(parts).items()}
-            record_epoch(history, tracker, "distill", epoch + 1, p.epochs, tr, va, **losses)
-            checkpoints.save(snapshot(epoch + 1, train.generator.get_state(), None), epoch + 1)
-            failpoint("distill.epoch", epoch + 1)
+        loop.run(net, p.epochs, "distill", after_epoch, step_loss, before_epoch)
+    history = loop.history
 
     if not history:  # epochs 0: the pruned model with fresh BN statistics, no fine-tune
         va = evaluate(student, val)
