@@ -60,7 +60,7 @@ lint: $(BIN)/cdc  ## ruff, and dvc.yaml in step with the stage list
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-dvc-yaml: $(BIN)/cdc  ## regenerate dvc.yaml from components/stages.py
+dvc-yaml: $(BIN)/cdc  ## regenerate dvc.yaml from components/stages/__init__.py
 	$(BIN)/cdc dvc-yaml > dvc.yaml
 
 compile: $(BIN)/cdc  ## write pipeline/cdc_pipeline.yaml (Kubeflow) for the image IMAGE (default cdc:$(VERSION))

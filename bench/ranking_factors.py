@@ -46,8 +46,8 @@ from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_chan
 from cdc.scoring import score_layers
 from cdc.stats import collect_all_stats
 from cdc.train import evaluate, recalibrate_bn
-from pipeline.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
-from pipeline.compare_report import factors_table
+from tools.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
+from tools.compare_report import factors_table
 
 RANDOM_SEEDS = 3
 
@@ -171,7 +171,7 @@ def retrain_teacher(ws: Path, params: dict, out: Path, weight_decay: float, thre
     if not (out / "model.pt").exists():
         tracking = f"sqlite:///{out / 'mlflow.db'}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MLFLOW_TRACKING_URI=tracking)
-        args = [sys.executable, "-m", "pipeline.cli", "train_teacher", "--params", str(out / "params.yaml")]
+        args = [sys.executable, "-m", "tools.cli", "train_teacher", "--params", str(out / "params.yaml")]
         args += ["--prepared", str(ws / "data" / "prepared"), "--model", str(out / "model.pt")]
         args += ["--history", str(out / "history.csv"), "--metrics", str(out / "metrics.json")]
         args += ["--checkpoints", str(out / "checkpoints")]

@@ -32,7 +32,7 @@ from cdc.scoring import LayerScores, score_layers
 from cdc.sources import load_raw
 from cdc.stats import collect_stats, confusion_matrix
 from cdc.train import evaluate, recalibrate_bn, sgd, train_one_epoch, warmup_cosine
-from pipeline.compare import uniform_ratio_for
+from tools.compare import uniform_ratio_for
 
 SHAPE = (1, 28, 28)
 

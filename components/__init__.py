@@ -1,1 +1,3 @@
-"""Pipeline stages: one module per stage (paths in, paths out), the stage list, the `cdc` CLI, tracking."""
+"""Pipeline stages: one module per stage under stages/ (paths in, paths out) beside the stage list
+(stages/__init__.py), and what every stage shares: the stage CLI, the runner, MLflow tracking, checkpoints
+and the resumable epoch loop."""

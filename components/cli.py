@@ -89,7 +89,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if not skip and a != "--nproc" and not a.startswith("--nproc="):
             args.append(a)
         skip = a == "--nproc"
-    return torchrun(nproc, ["pipeline.cli", *args])
+    return torchrun(nproc, ["components.cli", *args])
 
 
 def torchrun(nproc: int, module_args: list[str]) -> int:
@@ -221,7 +221,7 @@ def _log_headline(mlflow: Any, metrics_path: Path, params_path: str) -> None:
 def summary(metrics_path: Path, params_path: str) -> None:
     from cdc.io import read_json
     from cdc.params import load_params
-    from components.evaluate import summary_table
+    from components.stages.evaluate import summary_table
 
     if not metrics_path.exists():
         raise InputError(f"{metrics_path} not found: run the pipeline first (`make run`)")
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None 
 
 
 GENERATED_HEADER = (
-    "# Generated from components/stages.py by `cdc dvc-yaml > dvc.yaml`; do not edit by hand.\n"
+    "# Generated from components/stages/__init__.py by `cdc dvc-yaml > dvc.yaml`; do not edit by hand.\n"
 )
 
 if __name__ == "__main__":

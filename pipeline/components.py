@@ -1,4 +1,4 @@
-"""One Kubeflow component per stage of `components/stages.py`, built from the stage list.
+"""One Kubeflow component per stage of `components/stages/__init__.py`, built from the stage list.
 
 Each is a lightweight Python component (so `kfp.local`'s subprocess runner can run it) whose body
 hands its arguments to `pipeline.entry.run_component`. KFP builds a component from a function's

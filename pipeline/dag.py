@@ -1,4 +1,4 @@
-"""The Kubeflow Pipelines v2 pipeline: the stages of `components/stages.py` wired by their paths.
+"""The Kubeflow Pipelines v2 pipeline: the stages of `components/stages/__init__.py` wired by their paths.
 
 An input of a stage is connected to the task whose output has the same default path, exactly as
 `dvc.yaml` connects a dependency to the stage that declares it as an output; the raw data enters

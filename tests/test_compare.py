@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
-from pipeline.compare import cells as cells_of
 from tests.conftest import RAW, REPO, clean_env, run_ok
+from tools.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
+from tools.compare import cells as cells_of
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_every_profile_and_method_makes_valid_params(name: str):
 
 def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     out = tmp_path / "docs" / "results.md"
-    cmd = [sys.executable, "-m", "pipeline.cli", "compare", "--profile", "tiny", "--methods", "cdc", "l1"]
+    cmd = [sys.executable, "-m", "tools.cli", "compare", "--profile", "tiny", "--methods", "cdc", "l1"]
     cmd += ["--workspace", str(tmp_path / "ws"), "--out", str(out), "--raw", str(RAW)]
     env = clean_env(tmp_path / "unused.db")
     rows_path = tmp_path / "docs" / "results" / "compare_tiny.json"

@@ -20,7 +20,7 @@ from cdc.images import FileSplit, StreamBatches
 from cdc.params import Params, ParamsError, validate_params
 from cdc.sources import load_raw
 from components.cli import main
-from components.score import dataset_coarse_map
+from components.stages.score import dataset_coarse_map
 from tests.conftest import RAW
 from tests.image_tree import make_image_tree, write_cifar10_binary, write_cifar100_python
 from tests.workspace import TINY, make_workspace, run_ok
@@ -167,7 +167,7 @@ def test_a_bad_tree_fails_naming_the_path(
     with pytest.raises(InputError, match=str(culprit)):
         raw = load_raw("imagefolder", tmp_path / "bad")
         if how == "unreadable image":  # a header check (streamed) or decoding (memory) finds it
-            from components.prepare import file_table
+            from components.stages.prepare import file_table
 
             file_table({"train": raw.train})  # type: ignore[dict-item]
     # and through the CLI: one line naming it, exit 2

@@ -40,7 +40,7 @@ def cdc(args: list[str], cwd: Path) -> None:
     """`cdc ...` in a fresh process (torchrun needs one), MLflow into cwd's own store."""
     env = clean_env(cwd / "mlflow.db")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tools.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -199,7 +199,7 @@ def test_a_killed_ddp_teacher_resumes_to_the_uninterrupted_weights(run_dir: Path
             env["CDC_FAILPOINT"] = failpoint
         args = ["train_teacher", "--nproc", "2", "--params", "p2.yaml", "--model", f"{out}.pt"]
         args += ["--checkpoints", f"{out}_ck", "--history", f"{out}.csv", "--metrics", f"{out}.json"]
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=run_dir, env=env).returncode
+        return subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=run_dir, env=env).returncode
 
     assert train("full") == 0
     assert train("cut", "train_teacher.epoch:1") != 0

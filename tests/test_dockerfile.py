@@ -96,4 +96,4 @@ def test_no_secret_enters_the_image(instructions):
     rules = [line for line in ignore if line and not line.startswith("#")]
     assert rules[0] == "**", ".dockerignore starts by excluding everything"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "cdc", "components", "pipeline"}
+    assert allowed == {"pyproject.toml", "README.md", "cdc", "components", "pipeline", "tools"}

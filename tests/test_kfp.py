@@ -17,13 +17,13 @@ from cdc.io import load_model
 from cdc.params import Params
 from components.stages import RAW, STAGE_BY_NAME, STAGES
 from components.tracking import md5
-from pipeline import lineage
-from pipeline.cli import main
 from pipeline.components import ARTIFACT_TYPES, output_kinds
 from pipeline.dag import GPU_RESOURCE, compile_pipeline
 from pipeline.defaults import COMPILED, DEFAULT_IMAGE
 from tests.conftest import RAW as RAW_ROOT
 from tests.conftest import REPO, TINY, clean_env, run_ok
+from tools import lineage
+from tools.cli import main
 
 
 def task_name(stage: str) -> str:

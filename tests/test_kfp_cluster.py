@@ -14,9 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from cdc.params import PruneParams
-from pipeline.cli import main
 from pipeline.cluster import ClusterError, kfp_cron
 from tests.conftest import REPO
+from tools.cli import main
 
 
 class KfpApi(BaseHTTPRequestHandler):

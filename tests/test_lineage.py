@@ -22,8 +22,8 @@ from cdc.io import load_model
 from cdc.params import Params
 from components.stages import STAGE_BY_NAME, STAGES
 from components.tracking import md5
-from pipeline import lineage
 from tests.conftest import TINY, copy_workspace, run_ok
+from tools import lineage
 
 pytestmark = pytest.mark.e2e
 STAGE_NAMES = [s.name for s in STAGES]

@@ -9,7 +9,7 @@ import yaml
 
 from cdc.params import Params, ParamsError, load_params
 from components.cli import build_parser
-from components.stages import STAGES, dvc_yaml
+from components.stages import STAGES, Stage, dvc_yaml
 from tests.conftest import REPO
 
 
@@ -86,3 +86,9 @@ def test_di_without_grid_statistics_is_refused_before_any_work(tmp_path):
     path.write_text("score:\n  criterion: di\ndump_stats:\n  grid: null\n")
     with pytest.raises(ParamsError, match="dump_stats.grid"):
         load_params(path)
+
+
+def test_a_stage_names_each_input_output_flag_and_params_section_once():
+    """They become the arguments of one CLI command and one Kubeflow component function."""
+    with pytest.raises(ValueError, match=r"\['card'\] named twice"):
+        Stage("card", "a card", {"metrics": "m.json"}, {"card": "c.md"}, {"card": "markdown"}, ("card",))

@@ -706,11 +706,11 @@ def test_a_bug_inside_a_stage_shows_its_traceback_and_is_not_a_bad_input(finishe
     before = state_of(watched)
     script = (
         "import sys\n"
-        "import components.prune as stage\n"
+        "import components.stages.prune as stage\n"
         "def broken(*args, **kwargs):\n"
         "    raise KeyError('widths')  # a bug, hours into a stage\n"
         "stage.run = broken\n"
-        "from pipeline.cli import main\n"
+        "from tools.cli import main\n"
         "sys.exit(main(['prune']))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True)
@@ -749,7 +749,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(finished, tmp_path: Path, mo
 def test_every_torch_load_in_the_code_is_weights_only():
     """An AST scan: no `torch.load` call without `weights_only=True` in the shipped code."""
     offenders = []
-    for folder in ("cdc", "components", "pipeline", "bench"):
+    for folder in ("cdc", "components", "pipeline", "tools", "bench"):
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
@@ -762,7 +762,7 @@ def test_every_torch_load_in_the_code_is_weights_only():
                         offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     record(
         "safety",
-        "every torch.load in cdc/, components/, pipeline/, bench/ is weights_only=True",
+        "every torch.load in cdc/, components/, pipeline/, tools/, bench/ is weights_only=True",
         f"offenders: {offenders or 'none'}",
         not offenders,
     )

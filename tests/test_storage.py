@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from components.tracking import md5
-from pipeline import lineage
 from tests.conftest import RAW, TINY, clean_env, run_ok
+from tools import lineage
 
 pytestmark = pytest.mark.e2e
 SECRET = "s3cr3t-never-written-anywhere"

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from cdc.params import Params
-from pipeline.compare import copy_repository
+from tools.compare import copy_repository
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -308,7 +308,7 @@ def prune_only_metrics(ws: Path, params: dict) -> dict:
     from cdc.data import load_prepared
     from cdc.io import load_model
     from cdc.params import Params
-    from components.evaluate import accuracies, recalibrate_pruned
+    from components.stages.evaluate import accuracies, recalibrate_pruned
 
     p = Params.model_validate(params)
     data, cpu = load_prepared(ws / "data" / "prepared"), torch.device("cpu")
@@ -494,7 +494,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare_report import write_report
+    from tools.compare_report import write_report
 
     profile = PROFILES[args.profile]
     rows_path = args.out.parent / "results" / f"compare_{args.profile}.json"

@@ -1,4 +1,5 @@
 """The stage list, declared once: the CLI, `dvc.yaml` and the Kubeflow pipeline are built from it.
+Beside it, one module per stage (`components/stages/<name>.py`, its `run(params, inputs, outputs, tracker)`).
 
 Each stage names its inputs and outputs (name -> default path), the kind of each output (the typed
 artifact it becomes in Kubeflow) and the params.yaml sections it reads; a stage that reads `runtime`
@@ -42,10 +43,17 @@ class Stage:
     def __post_init__(self) -> None:
         if set(self.kinds) != set(self.outputs) or not set(self.kinds.values()) <= set(ARTIFACT_KINDS):
             raise ValueError(f"stage {self.name}: give every output one kind of {ARTIFACT_KINDS}")
+        names = [*self.inputs, *self.outputs, *self.flags, *self.params]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(
+                f"stage {self.name}: {twice} named twice among its inputs, outputs, flags and params "
+                "sections; each is one argument of the stage's command and of its Kubeflow component"
+            )
 
     @property
     def module(self) -> str:
-        return f"components.{self.name}"
+        return f"components.stages.{self.name}"
 
     @property
     def runs_model(self) -> bool:

@@ -1,7 +1,8 @@
-"""`cdc`: the stage commands of `components/cli.py` plus `cdc kfp` (compile, run-local, submit, schedule).
+"""`cdc`: the stage commands of `components/cli.py` plus `cdc kfp` (compile, run-local, submit, schedule),
+`cdc compare`, `cdc lineage`, `cdc promote` and `cdc storage`.
 
-This module is the console script so that the arrows keep pointing down: pipeline/ (Kubeflow) uses
-components/, never the reverse.
+The console script sits on top so that the arrows keep pointing down: tools/ uses pipeline/ (Kubeflow,
+loaded only for `cdc kfp`), components/ and cdc/; none of them imports tools/.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from components import cli as stage_cli
 from components.storage import add_storage_parser, run_storage
-from pipeline.compare import add_compare_parser, run_compare
-from pipeline.lineage import add_lineage_parser, add_promote_parser, run_lineage, run_promote
+from tools.compare import add_compare_parser, run_compare
+from tools.lineage import add_lineage_parser, add_promote_parser, run_lineage, run_promote
 
 log = logging.getLogger("cdc.kfp")
 
