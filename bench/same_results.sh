@@ -29,9 +29,9 @@ for who in old new; do
   run train_teacher --prepared "$D/prepared" --model "$O/teacher.pt" --history "$O/teacher_history.csv" \
     --metrics "$O/teacher_metrics.json" --checkpoints "$O/checkpoints"
   run dump_stats --prepared "$D/prepared" --teacher "$D/teacher/model.pt" --stats "$O/stats.parquet" \
-    --confusion "$O/confusion.json"
-  run score --stats "$D/stats/stats.parquet" --confusion "$D/stats/confusion.json" --scores "$O/scores.parquet" \
-    --groups "$O/groups.json"
+    --grid "$O/grid.parquet" --confusion "$O/confusion.json"
+  run score --stats "$D/stats/stats.parquet" --grid "$D/stats/grid.parquet" --confusion "$D/stats/confusion.json" \
+    --prepared "$D/prepared" --teacher "$D/teacher/model.pt" --scores "$O/scores.parquet" --groups "$O/groups.json"
   run prune --prepared "$D/prepared" --teacher "$D/teacher/model.pt" --scores "$D/score/scores.parquet" \
     --model "$O/pruned.pt" --report "$O/prune_report.json"
   run fit_dca --prepared "$D/prepared" --teacher "$D/teacher/model.pt" --pruned "$D/prune/model.pt" \
