@@ -16,6 +16,7 @@ bench/results/pipeline_overhead.json.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from bench.common import markdown_table, reported, stage_seconds, target, write_result
+from cdc.params import load_params
 from components.stages import STAGES
 from tests.workspace import REPO, make_workspace
 
@@ -67,8 +69,9 @@ def main() -> None:
                 sh([sys.executable, "-c", "import mlflow"], ws, env) for _ in range(3)
             ),
         }
-        commands = {
-            name: stage["cmd"]
+        params = load_params(ws / "params.yaml")
+        commands = {  # dvc.yaml's commands, its ${param} templates filled in as DVC fills them
+            name: re.sub(r"\$\{([\w.]+)\}", lambda m: str(params.get(m.group(1))), stage["cmd"])
             for name, stage in yaml.safe_load((ws / "dvc.yaml").read_text())["stages"].items()
         }
         stages = []

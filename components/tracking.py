@@ -213,6 +213,7 @@ class StageTracker:
         as `name` with the alias `candidate`; the version's tags lead back to this run and its lineage.
         MLflow is loaded in this process for it (the model is here), whichever process logs the rest."""
         from contextlib import nullcontext
+        from importlib.metadata import version
 
         from mlflow.models import infer_signature
 
@@ -227,6 +228,9 @@ class StageTracker:
                 input_example=example,
                 serialization_format="pt2",
                 registered_model_name=name,
+                # what serving a torch.export program needs; MLflow's own inference starts a process that
+                # imports the model's modules (10 s of the export stage) and lists unrelated packages
+                pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "mlflow")],
             )
         version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
@@ -318,12 +322,17 @@ class WorkerRunLog:
 
     def __init__(self) -> None:
         resolve_tracking()  # an unreachable server fails here, in this process, before the worker starts
+        # the worker runs this process's code: found through PYTHONPATH, not through the working directory
+        # (-P), which may hold another checkout
+        code = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join(filter(None, (code, os.environ.get("PYTHONPATH"))))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "components.tracking_worker"],
+            [sys.executable, "-P", "-m", "components.tracking_worker"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            env={**os.environ, "PYTHONPATH": path},
         )
         self.run_id = ""
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from components import cli as stage_cli
 from components.storage import add_storage_parser, run_storage
@@ -202,5 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     return stage_cli.main(argv, EXTENSIONS)
 
 
+def console() -> NoReturn:
+    """The `cdc` console script: `main`, then a quick exit (`components.cli.exit_now`)."""
+    stage_cli.exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
