@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +57,47 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's temporary folder, or under pytest-xdist the one its workers share."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """One process at a time (the xdist workers build the shared workspace once)."""
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A temporary git + DVC copy of the repository with the tiny params profile."""
-    ws = tmp_path_factory.mktemp("repo")
-    return ws, make_workspace(ws, RAW)
+    """A temporary git + DVC copy of the repository with the tiny params profile, made once for the
+    whole run (every xdist worker gets the same one)."""
+    root = _shared_root(tmp_path_factory)
+    ws = root / "repo"
+    with _exclusive(root / "repo.lock"):
+        if not ws.exists():
+            building = root / "repo.partial"
+            shutil.rmtree(building, ignore_errors=True)
+            make_workspace(building, RAW)
+            building.rename(ws)
+    return ws, clean_env(ws / "mlflow.db")
 
 
 @pytest.fixture(scope="session")
 def first_repro(workspace: tuple[Path, dict[str, str]]) -> str:
-    """The output of the one `cdc repro` of the tiny profile (every stage runs). The workspace stays as
-    that run left it: a test that changes anything there works in a copy (`repro_copy`)."""
+    """The output of the one `cdc repro` of the tiny profile (every stage runs), run once for the whole
+    run. The workspace stays as that run left it: a test that changes anything there works in a copy
+    (`repro_copy`)."""
     ws, env = workspace
-    # credentials in the environment must not end up in any output (tests/test_reliability.py greps)
-    return run_ok(["cdc", "repro"], ws, {**env, **CREDENTIAL_SENTINELS})
+    output = ws.parent / "repo.repro.txt"
+    with _exclusive(ws.parent / "repo.lock"):
+        if not output.exists():
+            # credentials in the environment must not end up in any output (tests/test_reliability.py greps)
+            output.write_text(run_ok(["cdc", "repro"], ws, {**env, **CREDENTIAL_SENTINELS}))
+    return output.read_text()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ fine-tune differs). Within a budget every method prunes to the same widths (a un
 the FLOPs target), so achieved FLOPs are identical across methods, and gets the same fine-tune
 (epochs, schedule, seed). Each cell records the pruned model's accuracy (BN recalibrated, no fine-tune;
 validation and test) and the fine-tuned student's. After the cells, each budget's pruned architecture
-is timed against the teacher with nothing else running. `docs/results.md` (tables, paired comparison
+is timed against the teacher with nothing else running (50 blocks of 100 ms a model and batch size,
+or the profile's `latency`). `docs/results.md` (tables, paired comparison
 with the best data-free baseline) and its plots are written from the collected rows; rows are saved as
 they come, so an interrupted comparison resumes where it stopped. Profiles: `default` (every method
 fine-tuned at the middle budget, about 1 h 40 min on 2 cores), `extended` (docs/results.md: also
@@ -131,6 +132,7 @@ PROFILES: dict[str, dict] = {
         "finetune_removed": [0.5],
         "finetune_everywhere": ["l1"],
         "seeds": [0],
+        "latency": {"rounds": 3, "block_ms": 20.0},  # checks the phase runs, measures nothing worth quoting
     },
     "full": {
         "about": "GPU size (not run here): ResNet-56 on CIFAR-10, paper-length schedules (method §6)",
@@ -411,12 +413,13 @@ def measure_latency(
     rows: list[dict],
     raw: Path,
     batch_sizes: tuple[int, ...] = (1, 64),
-    rounds: int = 50,
-    block_ms: float = 100.0,
 ) -> dict[str, dict]:
     """Speed-up over the teacher of each budget's pruned architecture, BN folded, timed after the cells
     (nothing else running) on all cores: latency depends on the widths only, and within a budget every
-    method has the same widths, so one measurement per budget serves all its methods."""
+    method has the same widths, so one measurement per budget serves all its methods. Each model is
+    timed in `rounds` blocks of `block_ms` (the profile's `latency`, default 50 of 100 ms)."""
+    timing = {"rounds": 50, "block_ms": 100.0, **profile.get("latency", {})}
+    rounds, block_ms = int(timing["rounds"]), float(timing["block_ms"])
     import torch
 
     from cdc.inference import inference_forward
