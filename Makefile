@@ -18,16 +18,17 @@ help:  ## list the targets
 run: $(BIN)/cdc data  ## the default pipeline: dvc repro under one MLflow run, then the summary
 	cdc repro
 
-test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end)
+PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile  # two workers, each test file on one (its module fixtures once)
+test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end) on two pytest-xdist workers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 KERNEL_PATHS := avx2 default
 test-kernels: $(BIN)/cdc data  ## the suite again under PyTorch's other CPU kernel paths (ATEN_CPU_CAPABILITY=avx2, default): other rounding, same verdicts
 	@for path in $(KERNEL_PATHS); do \
 	  echo "== ATEN_CPU_CAPABILITY=$$path pytest -q"; \
-	  ATEN_CPU_CAPABILITY=$$path $(BIN)/pytest -q || exit 1; \
+	  ATEN_CPU_CAPABILITY=$$path $(PYTEST) || exit 1; \
 	done
 
 reliability: $(BIN)/cdc data  ## the reliability tests; writes their record to docs/reliability.md

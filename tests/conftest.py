@@ -29,7 +29,10 @@ CREDENTIAL_SENTINELS = {
     "MLFLOW_TRACKING_TOKEN": "cdc-sentinel-token-e8d4",
 }
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each, here and in every process started
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(scope="session")

@@ -111,12 +111,3 @@ def test_forced_rerun_gives_byte_identical_statistics_scores_and_widths(repro_co
     _run(["cdc", "score"], ws, env)  # rewrites the scores outside DVC; widths are a function of them
     assert {path: _md5(ws / path) for path in before} == before
     assert hashes() == before
-
-
-def test_changing_a_distillation_param_reruns_only_distill_and_what_follows(repro_copy):
-    ws, env = repro_copy
-    params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["distill"]["temperature"] = 2.0
-    (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _run(["dvc", "repro"], ws, env)
-    assert _stages_run(out) == ["distill", "evaluate", "export"]

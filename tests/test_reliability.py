@@ -1217,12 +1217,18 @@ def test_a_second_repro_in_the_same_workspace_is_refused(finished, tmp_path: Pat
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     assert first.stdout is not None
     for line in first.stdout:
         if "Running stage" in line:
             break
-    second = subprocess.run(["cdc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
+    # frozen mid-run (holding DVC's lock) while the second starts: however fast the stage is
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(["cdc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     first.stdout.read()
     first.wait()
     status = subprocess.run(["dvc", "status"], cwd=ws, env=env, capture_output=True, text=True)
