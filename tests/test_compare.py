@@ -107,7 +107,11 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     po = cells[("cdc", 0.6)]
     params = cell_params(PROFILES["tiny"], METHOD_BY_NAME["cdc"], 0, po["ratio"], fine_tune=False)
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
-    run_ok([sys.executable, "-m", "dvc", "repro", "evaluate"], ws, env | {"PYTHONPATH": str(ws)})
+    env = env | {"PYTHONPATH": str(ws)}
+    out = run_ok([sys.executable, "-m", "dvc", "repro", "prune"], ws, env)
+    assert "Stage 'prune' is cached - skipping run" in out  # the cell's pruned model, from DVC's run cache
+    # its teacher and pruned accuracies, by the evaluate stage (they do not depend on the student)
+    run_ok(["cdc", "evaluate", "--student", "data/prune/model.pt"], ws, env)
     metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
     for model in ("teacher", "pruned"):
         for split in ("test", "val"):
