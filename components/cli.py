@@ -104,7 +104,11 @@ def torchrun(nproc: int, module_args: list[str]) -> int:
 
 def run_stage(stage: Stage, args: argparse.Namespace) -> None:
     from cdc import distributed
+    from components import stage_server
     from components.tracking import early_run_log
+
+    if stage_server.forked():
+        log.debug("forked from the stage server (pid %d)", os.getppid())
 
     # MLflow loads in a tracking worker while this process loads torch and checks the params
     run_log = None if distributed.is_follower() else early_run_log()
@@ -126,18 +130,25 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> None:
 
 
 def repro(dvc_args: list[str]) -> int:
-    from cdc.params import load_params
+    from components import stage_server
+
+    # started first: it imports the stage code while this process and dvc start
+    with stage_server.running(dict(os.environ)) as env:
+        from cdc.params import load_params
+
+        load_params("params.yaml")  # a bad params file fails here, before a pipeline run is opened
+        return _repro(dvc_args, env)
+
+
+def _repro(dvc_args: list[str], env: dict[str, str]) -> int:
     from components.tracking import PARENT_ENV, git_commit, setup_mlflow, tracking_uri
 
-    load_params("params.yaml")  # a bad params file fails here, before a pipeline run is opened
     mlflow = setup_mlflow()
     args = [a for a in dvc_args if a != "--"]
     # The stages' `cdc ...` commands and dvc itself come from this interpreter's environment,
     # so `.venv/bin/cdc repro` works without activating the venv.
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(
-        os.environ, MLFLOW_TRACKING_URI=tracking_uri(), PATH=bin_dir + os.pathsep + os.environ.get("PATH", "")
-    )
+    env = dict(env, MLFLOW_TRACKING_URI=tracking_uri(), PATH=bin_dir + os.pathsep + env.get("PATH", ""))
     with mlflow.start_run(
         run_name="pipeline", tags={"cdc.stage": "pipeline", "mlflow.source.git.commit": git_commit()}
     ) as run:

@@ -10,15 +10,17 @@ import hashlib
 import json
 import logging
 import os
+import runpy
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from cdc.errors import InputError
+from components import stage_server
 
 log = logging.getLogger(__name__)
 
@@ -322,30 +324,33 @@ class WorkerRunLog:
 
     def __init__(self) -> None:
         resolve_tracking()  # an unreachable server fails here, in this process, before the worker starts
-        # the worker runs this process's code: found through PYTHONPATH, not through the working directory
-        # (-P), which may hold another checkout
-        code = str(Path(__file__).resolve().parents[1])
-        path = os.pathsep.join(filter(None, (code, os.environ.get("PYTHONPATH"))))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "components.tracking_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-            env={**os.environ, "PYTHONPATH": path},
-        )
+        if stage_server.forked():  # MLflow is imported already: a fork of this process starts at once
+            self.stdin, self.stdout, self.wait = _fork_worker()
+        else:
+            # the worker runs this process's code: found through PYTHONPATH, not through the working
+            # directory (-P), which may hold another checkout
+            code = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join(filter(None, (code, os.environ.get("PYTHONPATH"))))
+            proc = subprocess.Popen(
+                [sys.executable, "-P", "-m", "components.tracking_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+            assert proc.stdin is not None and proc.stdout is not None
+            self.stdin, self.stdout, self.wait = proc.stdin, proc.stdout, proc.wait
         self.run_id = ""
 
     def _send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
         with suppress(BrokenPipeError, ValueError):  # the worker is gone: `finish` reports it
-            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.stdin.write(json.dumps(message) + "\n")
 
     def _answer(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        line = self.stdout.readline()
         if not line:
-            return {"error": f"the MLflow tracking worker exited with status {self.proc.wait()}"}
+            return {"error": f"the MLflow tracking worker exited with status {self.wait()}"}
         return json.loads(line)
 
     def start(self, name: str, parent: str | None, tags: dict[str, str], params: dict[str, Any]) -> str:
@@ -374,17 +379,52 @@ class WorkerRunLog:
 
     def close(self) -> None:
         """Let the worker go (idempotent): unstarted, it exits at once; started, it ends the run KILLED."""
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None and not pipe.closed:
+        for pipe in (self.stdin, self.stdout):
+            if not pipe.closed:
                 with suppress(BrokenPipeError):
                     pipe.close()
-        self.proc.wait()
+        self.wait()
+
+
+def _fork_worker() -> tuple[TextIO, TextIO, Callable[[], int]]:
+    """The tracking worker as a fork of this stage (a child of the stage server, single-threaded yet):
+    its stdin and stdout as pipes to this process, and a wait for its exit status."""
+    to_worker, from_worker = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(to_worker[0], 0)
+            os.dup2(from_worker[1], 1)
+            for fd in (*to_worker, *from_worker):
+                os.close(fd)
+            sys.stdin = open(0, closefd=False)  # noqa: SIM115 (the process's own stdin, for its lifetime)
+            runpy.run_module("components.tracking_worker", run_name="__main__")  # ends in os._exit
+        finally:
+            os._exit(1)
+    os.close(to_worker[0])
+    os.close(from_worker[1])
+
+    status: list[int] = []
+
+    def wait() -> int:  # as Popen.wait: again and again
+        if not status:
+            status.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        return status[0]
+
+    return open(to_worker[1], "w", buffering=1), open(from_worker[0]), wait  # noqa: SIM115
 
 
 def early_run_log() -> WorkerRunLog | None:
     """A tracking worker started now, so that MLflow loads while this process loads torch (`stage_run`
     takes it); None where MLflow is loaded already (Kubeflow tasks, tests): the run is logged in-process."""
-    return None if "mlflow" in sys.modules else WorkerRunLog()
+    return None if _in_process() else WorkerRunLog()
+
+
+def _in_process() -> bool:
+    """MLflow is loaded already (Kubeflow tasks, in-process callers): the run is logged in this process. A
+    stage forked from the stage server has it loaded too, but hands its run to a (forked) worker, which
+    outlives a killed stage and ends its run KILLED."""
+    return "mlflow" in sys.modules and not stage_server.forked()
 
 
 @contextmanager
@@ -411,7 +451,7 @@ def stage_run(
     }
     tags.update({f"cdc.input.{k}.md5": md5(p) for k, p in inputs.items() if Path(p).exists()})
     tags.update({f"cdc.input.{k}.path": str(p) for k, p in inputs.items()})
-    run = run_log or (LocalRunLog() if "mlflow" in sys.modules else WorkerRunLog())
+    run = run_log or (LocalRunLog() if _in_process() else WorkerRunLog())
     run_id = run.start(stage, parent, tags, params)
     log.info("MLflow run %s (%s)", run_id, stage)
     try:

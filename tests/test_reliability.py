@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ import yaml
 
 from cdc.io import save_model
 from cdc.models import build_model
+from components import stage_server
 from components.cli import main
 from components.stages import STAGE_BY_NAME
 from components.tracking import md5
@@ -797,9 +798,12 @@ SCORES = "data/score/scores.parquet"
 
 
 @pytest.fixture(scope="module")
-def trainer(finished, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A folder with the finished run's inputs and params for two-epoch teacher and distill runs, and
-    each stage's uninterrupted reference run (`ref-train_teacher`, `ref-distill`)."""
+def trainer(finished, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A folder with the finished run's inputs and params for two-epoch teacher and distill runs, each
+    stage's uninterrupted reference run (`ref-train_teacher`, `ref-distill`), and the environment. The
+    references and the killed runs are forked from a stage server, as under `cdc repro`
+    (`$CDC_STAGE_SERVER` set); the resumed runs start processes of their own, as under `dvc repro`: equal
+    weights prove the two ways the same."""
     repo, env = finished
     root = tmp_path_factory.mktemp("kills")
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -810,9 +814,10 @@ def trainer(finished, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(repo / rel, root / rel)
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    for stage in ("train_teacher", "distill"):
-        run_ok(stage_command(stage, f"ref-{stage}"), root, env)
-    return root, env
+    with stage_server.running(env) as served:
+        for stage in ("train_teacher", "distill"):
+            run_ok(stage_command(stage, f"ref-{stage}"), root, served)
+        yield root, served
 
 
 def stage_command(stage: str, out: str) -> list[str]:
@@ -857,12 +862,13 @@ KILLS = [
 def test_a_killed_training_stage_leaves_no_output_and_resumes_to_the_same_weights(
     trainer, stage: str, point: str, status: int, resumes: bool, what: str
 ):
-    root, env = trainer
+    root, served = trainer
+    env = {k: v for k, v in served.items() if k != stage_server.SERVER_ENV}
     out = f"cut-{point.replace(':', '-')}"
     killed = subprocess.run(
         stage_command(stage, out),
         cwd=root,
-        env={**env, "CDC_FAILPOINT": point},
+        env={**served, "CDC_FAILPOINT": point},
         capture_output=True,
         text=True,
     )

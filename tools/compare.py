@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from components import stage_server
+
 log = logging.getLogger("cdc.compare")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -360,43 +362,49 @@ def run_matrix(
     finished = 0
 
     def worker(seed: int) -> None:
-        nonlocal finished
         ws = workspace / f"seed-{seed}"
         ws.mkdir(parents=True, exist_ok=True)
         env = make_workspace(ws, raw)
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        for method, removed, fine_tune in per_teacher:
-            if (method.name, removed, seed, fine_tune) in done:
-                continue
-            ratio = ratios[removed]
-            row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
-            row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
-            row.update(fine_tuned=fine_tune)
-            with lock:
-                finished += 1
-                replaced = [
-                    r
-                    for r in rows
-                    if (r["method"], r["flops_removed"], r["seed"]) == (method.name, removed, seed)
-                ]
-                for old in replaced:  # the same pruning again: a check that the cell reproduces
-                    log.info(
-                        "seed %d, %s, %.0f%%: pruned test accuracy %.4f%% before, %.4f%% now",
-                        seed, method.name, 100 * removed, 100 * old["pruned_test"], 100 * row["pruned_test"],
-                    )  # fmt: skip
-                    row["replaces_pruned_test"] = old["pruned_test"]
-                    rows.remove(old)
-                rows.append(row)
-                rows_path.parent.mkdir(parents=True, exist_ok=True)
-                rows_path.write_text(json.dumps(rows, indent=1))
+        with stage_server.running(env) as env:  # the cells' stages are forked from it, the code imported once
+            for method, removed, fine_tune in per_teacher:
+                if (method.name, removed, seed, fine_tune) not in done:
+                    run_one(ws, env, seed, method, removed, fine_tune)
+
+    def run_one(
+        ws: Path, env: dict[str, str], seed: int, method: Method, removed: float, fine_tune: bool
+    ) -> None:
+        """One cell, its row saved at once."""
+        nonlocal finished
+        ratio = ratios[removed]
+        row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
+        row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
+        row.update(fine_tuned=fine_tune)
+        with lock:
+            finished += 1
+            replaced = [
+                r
+                for r in rows
+                if (r["method"], r["flops_removed"], r["seed"]) == (method.name, removed, seed)
+            ]
+            for old in replaced:  # the same pruning again: a check that the cell reproduces
                 log.info(
-                    "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs%s: pruned %.2f%% (val %.2f%%), "
-                    "student %.2f%%, FLOPs %.3f, %.0f s",
-                    finished, to_run, seed, method.name, 100 * removed,
-                    "" if fine_tune else " (no fine-tune)",
-                    100 * row["pruned_test"], 100 * row["pruned_val"], 100 * row["student_test"],
-                    row["flops_ratio"], row["wall_s"],
+                    "seed %d, %s, %.0f%%: pruned test accuracy %.4f%% before, %.4f%% now",
+                    seed, method.name, 100 * removed, 100 * old["pruned_test"], 100 * row["pruned_test"],
                 )  # fmt: skip
+                row["replaces_pruned_test"] = old["pruned_test"]
+                rows.remove(old)
+            rows.append(row)
+            rows_path.parent.mkdir(parents=True, exist_ok=True)
+            rows_path.write_text(json.dumps(rows, indent=1))
+            log.info(
+                "[%d/%d] seed %d, %s, %.0f%% fewer FLOPs%s: pruned %.2f%% (val %.2f%%), "
+                "student %.2f%%, FLOPs %.3f, %.0f s",
+                finished, to_run, seed, method.name, 100 * removed,
+                "" if fine_tune else " (no fine-tune)",
+                100 * row["pruned_test"], 100 * row["pruned_val"], 100 * row["student_test"],
+                row["flops_ratio"], row["wall_s"],
+            )  # fmt: skip
 
     log.info(
         "%d cells (%d done), %d teacher seeds, %d at a time with %d thread(s) each; workspaces under %s",
