@@ -18,8 +18,9 @@ help:  ## list the targets
 run: $(BIN)/cdc data  ## the default pipeline: dvc repro under one MLflow run, then the summary
 	cdc repro
 
-# two workers, each test file on one (its module fixtures built once); the 25 slowest tests listed
-PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile --durations=25
+# two workers, each test file on one (its module fixtures built once), the slowest files first in the
+# order tests/conftest.py gives (not xdist's, by test count); the 25 slowest tests listed
+PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end) on two pytest-xdist workers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

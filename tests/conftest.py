@@ -126,6 +126,24 @@ def repro_copy(workspace: tuple[Path, dict[str, str]], first_repro: str, tmp_pat
     return copy_workspace(workspace, tmp_path / "repo")
 
 
+# The slowest files first, so that the two xdist workers (`make test`) end together: the one that builds the
+# shared tiny workspace, then the heavy ones that do not need it while it is built. The rest keep their order.
+SLOW_FILES_FIRST = (
+    "test_reliability.py",
+    "test_kfp.py",
+    "test_compare.py",
+    "test_distributed.py",
+    "test_lineage.py",
+    "test_datasets.py",
+    "test_experiments.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """`make reliability` sets CDC_RELIABILITY_RECORD: the cases tried go to docs/reliability.md."""
     from tests import reliability_record

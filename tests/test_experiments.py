@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from components import stage_server
 from tests.conftest import copy_workspace, run_ok
 
 pytestmark = pytest.mark.e2e
@@ -31,8 +32,10 @@ def experiment(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory)
     repo, env = copy_workspace(workspace, tmp_path_factory.mktemp("exp") / "repo")
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "baseline", "--allow-empty"], repo, env)
-    # up to evaluate, whose metrics the tests read (export would add its 15 s and nothing they check)
-    run_ok(["dvc", "exp", "run", "-n", "ratio-0.3", "-S", "prune.ratio=0.3", "evaluate"], repo, env)
+    # up to evaluate, whose metrics the tests read (export would add its 15 s and nothing they check); the
+    # stages forked from a stage server, as `cdc repro` runs them (what is tested here is DVC's loop)
+    with stage_server.running(env) as served:
+        run_ok(["dvc", "exp", "run", "-n", "ratio-0.3", "-S", "prune.ratio=0.3", "evaluate"], repo, served)
     return repo, env
 
 
