@@ -31,31 +31,54 @@ def build_model(
 @dataclass(frozen=True)
 class PrunableLayer:
     """One prunable conv: `conv` loses output channels, `norm` is its BN (the slimming baseline's
-    gamma), `activation` yields the scored tensor."""
+    gamma), `activation` yields the scored tensor. `block` is the block the layer belongs to: the
+    hierarchy gives every layer of a block the same labels (method §3)."""
 
     name: str
     conv: nn.Conv2d
     norm: nn.BatchNorm2d
     activation: nn.Module
+    block: str
 
 
 class PrunableNet(nn.Module):
-    """Base class: subclasses fill `self._prunable` in forward order."""
+    """Base class: subclasses fill `self._prunable` in forward order, and `self._block_of` where a block
+    holds more than one prunable layer (by default each layer is a block of its own)."""
 
     _prunable: list[tuple[str, str, str, str]]  # (layer name, conv, BN, activation paths)
+    _block_of: dict[str, str] = {}  # layer name -> its block's name
 
     def prunable_layers(self) -> list[PrunableLayer]:
         return [
-            PrunableLayer(name, self.get_submodule(conv), self.get_submodule(bn), self.get_submodule(act))
+            PrunableLayer(
+                name,
+                self.get_submodule(conv),
+                self.get_submodule(bn),
+                self.get_submodule(act),
+                self._block_of.get(name, name),
+            )
             for name, conv, bn, act in self._prunable
         ]
+
+    def blocks(self) -> dict[str, list[str]]:
+        """Each block's prunable layers, blocks and layers in forward order."""
+        out: dict[str, list[str]] = {}
+        for layer in self.prunable_layers():
+            out.setdefault(layer.block, []).append(layer.name)
+        return out
 
     def widths(self) -> list[int]:
         return [layer.conv.out_channels for layer in self.prunable_layers()]
 
     def feature_layers(self) -> list[str]:
-        """Module paths whose outputs may serve as DCA features (the same shape in a pruned model)."""
+        """Module paths whose outputs keep their shape in a pruned model (stage outputs)."""
         raise NotImplementedError
+
+    def dca_layers(self) -> list[str]:
+        """Module paths whose outputs may serve as DCA features: the feature layers, and the activation
+        of every prunable layer, whose width pruning changes (teacher and student each get their own
+        basis; the released code distils ResNet-56's `Res16_2`, here `layer1.2.relu1`)."""
+        return self.feature_layers() + [activation for _, _, _, activation in self._prunable]
 
 
 def _check_widths(widths: list[int] | None, default: list[int], arch: str) -> list[int]:

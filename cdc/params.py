@@ -111,7 +111,9 @@ class DumpStatsParams(Section):
 
 class ScoreParams(Section):
     criterion: str = "symdiv"
-    hierarchy: bool = Field(True, description="coarse labels for blocks 1..T (false: fine labels everywhere)")
+    hierarchy: bool = Field(
+        True, description="coarse labels for the layers of blocks 1..T (false: fine labels everywhere)"
+    )
     taylor_batches: int = Field(20, ge=1, description="training batches (of 128) for the taylor criterion")
     eps: float | None = Field(
         None,
@@ -119,7 +121,9 @@ class ScoreParams(Section):
         description="discriminant ridge (symdiv 0.05, others 1e-4, di rho 1e-4; null: those)",
     )
     n_coarse: int = Field(4, ge=1, description="coarse groups from spectral clustering")
-    coarse_blocks: int | None = Field(None, ge=0, description="T: blocks 1..T use coarse labels")
+    coarse_blocks: int | None = Field(
+        None, ge=0, description="T: blocks 1..T use coarse labels (the released code's 0-based T plus 1)"
+    )
     coarse_fraction: float = Field(0.52, ge=0, le=1, description="T = round(fraction * blocks) when unset")
     coarse_map: list[int] | Literal["cifar100_superclasses"] | None = Field(
         None, description="explicit fine->coarse group ids, or a dataset's own (cifar100_superclasses)"
@@ -159,7 +163,9 @@ class PruneParams(Section):
 
 class FitDcaParams(Section):
     layer: str = Field(
-        "layer2", description="module path of the feature map (see the model's feature_layers)"
+        "layer2",
+        description="module path of the feature map: a stage output (the model's feature_layers) or a "
+        "prunable layer's activation (its dca_layers)",
     )
     pool: int | None = Field(4, ge=1, description="average-pool the map to pool x pool before flattening")
     labels: Literal["coarse", "fine"] = "coarse"
@@ -260,20 +266,21 @@ class Params(Section):
         stage that reads them runs, hours later."""
         model = model_layout(self.train_teacher.arch)
         layers = model.prunable_layers()
-        if self.fit_dca.layer not in model.feature_layers():
+        if self.fit_dca.layer not in model.dca_layers():
             raise ValueError(
                 f"fit_dca.layer {self.fit_dca.layer!r} is not a feature layer of {self.train_teacher.arch}; "
-                f"choose from {model.feature_layers()}"
+                f"choose from {model.feature_layers()} or a prunable layer's activation "
+                f"(e.g. {model.dca_layers()[-1]})"
             )
         if self.prune.ratios is not None and len(self.prune.ratios) != len(layers):
             raise ValueError(
                 f"prune.ratios has {len(self.prune.ratios)} entries, {self.train_teacher.arch} has "
                 f"{len(layers)} prunable layers"
             )
-        t = self.score.coarse_blocks
-        if t is not None and t > len(layers):
+        t, n_blocks = self.score.coarse_blocks, len(model.blocks())
+        if t is not None and t > n_blocks:
             arch = self.train_teacher.arch
-            raise ValueError(f"score.coarse_blocks {t} > {len(layers)}, the blocks of {arch}")
+            raise ValueError(f"score.coarse_blocks {t} > {n_blocks}, the blocks of {arch}")
         k = DATASETS[self.data.dataset].num_classes
         cmap = self.score.coarse_map
         if isinstance(cmap, str):

@@ -82,6 +82,7 @@ class TorchvisionResNet(tv_resnet.ResNet, PrunableNet):
             self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         inner = ["conv1"] if block is _BasicBlock else ["conv1", "conv2"]
         self._prunable = []
+        self._block_of = {}  # a bottleneck's conv1 and conv2 are one block
         chains = []
         for s in range(1, 5):
             for b in range(layers[s - 1]):
@@ -90,6 +91,7 @@ class TorchvisionResNet(tv_resnet.ResNet, PrunableNet):
                     self._prunable.append(
                         (f"{path}.{conv}", f"{path}.{conv}", f"{path}.bn{i}", f"{path}.relu{i}")
                     )
+                    self._block_of[f"{path}.{conv}"] = path
                     chains.append([f"{path}.conv{i + 1}"])
         default = [self.get_submodule(conv).out_channels for _, conv, _, _ in self._prunable]
         for (_, conv, bn, _), consumers, w, d in zip(

@@ -93,7 +93,7 @@ def dca_bases(path: Path, teacher_model: PrunableNet) -> dict[str, np.ndarray]:
     missing = [k for k in DCA_KEYS if k not in dca]
     if missing:
         raise InputError(f"{path}: DCA bases without {missing}; rerun fit_dca", path)
-    if str(dca["layer"]) not in teacher_model.feature_layers():
+    if str(dca["layer"]) not in teacher_model.dca_layers():
         raise InputError(
             f"{path}: bases of layer {dca['layer']}, not a layer of the teacher; rerun fit_dca", path
         )

@@ -111,3 +111,21 @@ def test_forced_rerun_gives_byte_identical_statistics_scores_and_widths(repro_co
     _run(["cdc", "score"], ws, env)  # rewrites the scores outside DVC; widths are a function of them
     assert {path: _md5(ws / path) for path in before} == before
     assert hashes() == before
+
+
+def test_a_code_change_reruns_the_stage_that_runs_it_and_a_test_change_nothing(repro_copy):
+    """dvc.yaml lists the code each stage runs (`components.stages.code_dependencies`): a module only
+    `score` imports changes `score` alone (what follows reruns if its outputs change, DVC's rule); a
+    change to a test file, which no stage runs, changes nothing."""
+    ws, env = repro_copy
+    with (ws / "tests" / "test_hierarchy.py").open("a") as fh:
+        fh.write("\n# touched\n")
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], ws, env)
+    with (ws / "cdc" / "hierarchy.py").open("a") as fh:
+        fh.write("\n# touched\n")
+    status = json.loads(
+        subprocess.run(["dvc", "status", "--json"], cwd=ws, env=env, capture_output=True, text=True).stdout
+    )
+    assert list(status) == ["score"]
+    assert status["score"] == [{"changed deps": {"cdc/hierarchy.py": "modified"}}]
+    assert _stages_run(_run(["dvc", "repro"], ws, env)) == ["score"]  # the same scores: nothing after

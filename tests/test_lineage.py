@@ -103,6 +103,27 @@ def test_diff_separates_changed_inputs_from_outputs_that_moved_on_their_own():
     assert "another CPU or kernel path" in text
 
 
+def test_diff_names_the_changed_code_each_stage_runs():
+    """dvc.yaml lists the code a stage runs; the diff names, per rerun stage, the files that changed."""
+
+    def lock(scoring: str) -> dict:
+        code = [{"path": "cdc/models.py", "md5": "m"}]
+        return {
+            "prune": {"deps": [{"path": "t.pt", "md5": "t"}, *code], "outs": [{"path": "p.pt", "md5": "p"}]},
+            "score": {
+                "deps": [{"path": "t.pt", "md5": "t"}, *code, {"path": "cdc/scoring.py", "md5": scoring}],
+                "outs": [{"path": "s.pq", "md5": "s"}],
+            },
+        }
+
+    a = lineage.Snapshot("a", "git revision", None, lock("x"), {})
+    b = lineage.Snapshot("b", "git revision", None, lock("y"), {})
+    d = lineage.diff(a, b)
+    assert d.stages_rerun == ["score"] and d.code_per_stage == {"score": ["cdc/scoring.py"]}
+    assert d.same_inputs_other_outputs == []  # its code changed: not a finding
+    assert "  score runs changed code: cdc/scoring.py" in lineage.format_diff(d)
+
+
 def test_hashes_on_mlflow_runs_are_the_ones_dvc_lock_records_directories_included(audited):
     ws, env = audited
     recorded = lock_outs(ws)

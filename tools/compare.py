@@ -141,7 +141,7 @@ PROFILES: dict[str, dict] = {
         "params": {
             "data": {"dataset": "cifar10", "val_size": 5000},
             "train_teacher": {"arch": "resnet56", "epochs": 200, "lr": 0.1, "weight_decay": 0.0008},
-            "score": {"coarse_fraction": 0.52},
+            "score": {"coarse_blocks": 15},  # the released code's T = 14 (0-based): blocks 0-14 coarse
             "distill": {"epochs": 100, "lr": 0.05, "weight_decay": 0.001, "refit_every": 40},
         },
         "flops_removed": [0.40, 0.55, 0.70],

@@ -23,10 +23,11 @@ from typing import Any
 import yaml
 
 from cdc.errors import InputError
-from components.stages import STAGES
+from components.stages import CODE_PACKAGES, STAGES
 from components.tracking import HASH_SCHEME, HASH_TAG, PLATFORM_TAG
 
 LOCK = "dvc.lock"
+CODE_DIRS = tuple(f"{package}/" for package in CODE_PACKAGES)
 PARAMS = "params.yaml"
 METRICS_FILES = [s.outputs[n] for s in STAGES for n in s.metrics]
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -62,6 +63,15 @@ def outs(entry: dict[str, Any]) -> dict[str, str]:
 
 def deps(entry: dict[str, Any]) -> dict[str, str]:
     return {d["path"]: d.get("md5", "") for d in entry.get("deps", [])}
+
+
+def data_deps(entry: dict[str, Any]) -> dict[str, str]:
+    """A stage's inputs but the code it runs (which dvc.yaml lists as dependencies too)."""
+    return {p: h for p, h in deps(entry).items() if not p.startswith(CODE_DIRS)}
+
+
+def code_deps(entry: dict[str, Any]) -> dict[str, str]:
+    return {p: h for p, h in deps(entry).items() if p.startswith(CODE_DIRS)}
 
 
 def stage_params(entry: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +245,7 @@ class StageRecord:
     params: dict[str, Any]
     inputs: dict[str, str]
     outputs: dict[str, str]
+    code: dict[str, str] = field(default_factory=dict)  # the code files it ran -> md5 (dvc.lock)
     run_id: str | None = None
     start: str | None = None
     commit: str | None = None
@@ -253,11 +264,13 @@ def show(target: str, runs: Runs | None = None, lock_path: Path = Path(LOCK)) ->
     runs = runs or Runs()
     stage, lock, lock_from = _resolve_target(target, runs, lock_path)
     chain = list(lock) if stage is None else upstream(lock, stage)
-    sources = {p: h for name in chain for p, h in deps(lock[name]).items() if producer(lock, p) is None}
+    sources = {p: h for name in chain for p, h in data_deps(lock[name]).items() if producer(lock, p) is None}
     trace = Trace(target, lock_from, sources)
     for name in chain:
         entry = lock[name]
-        record = StageRecord(name, _cmd(entry), stage_params(entry), deps(entry), outs(entry))
+        record = StageRecord(
+            name, _cmd(entry), stage_params(entry), data_deps(entry), outs(entry), code_deps(entry)
+        )
         found = runs.producing(name, record.outputs)
         if found:
             run = found[0]
@@ -346,6 +359,8 @@ def format_trace(trace: Trace) -> str:
         lines.append(f"  params      {params}")
         lines += [f"  in          {p}  {h}" for p, h in r.inputs.items()]
         lines += [f"  out         {p}  {h}" for p, h in r.outputs.items()]
+        if r.code:
+            lines.append(f"  code        {len(r.code)} files, their md5 in dvc.lock (`--json` lists them)")
     return "\n".join(lines)
 
 
@@ -461,6 +476,8 @@ class Diff:
     stages_rerun: list[str]
     metrics: dict[str, tuple[float | None, float | None, float | None]]
     code: list[str] | None  # files touched between the commits; None when a commit is unknown
+    # per stage, the code files it runs whose md5 differs between the two dvc.lock files
+    code_per_stage: dict[str, list[str]] = field(default_factory=dict)
     # stages that read the same inputs with the same params yet wrote different bytes: expected for
     # timings (evaluate), across CPUs or kernel paths (`platforms`) and on CUDA without
     # runtime.deterministic; on one CPU platform anything else is a finding
@@ -497,7 +514,18 @@ def diff(a: Snapshot, b: Snapshot) -> Diff:
         and stage_params(a.lock[name]) == stage_params(b.lock[name])
     ]
     code, platforms = _files_touched(a, b), (a.platforms, b.platforms)
-    return Diff(a.label, b.label, params, artifacts, rerun, metrics, code, unstable, platforms)
+    per_stage = {
+        name: changed
+        for name in rerun
+        if name in a.lock and name in b.lock and (changed := _code_changed(a.lock[name], b.lock[name]))
+    }
+    return Diff(a.label, b.label, params, artifacts, rerun, metrics, code, per_stage, unstable, platforms)
+
+
+def _code_changed(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The code dependencies (dvc.yaml lists what each stage runs) whose md5 differs between two runs."""
+    da, db = deps(a), deps(b)
+    return sorted(p for p in set(da) | set(db) if p.startswith(CODE_DIRS) and da.get(p) != db.get(p))
 
 
 def _all_params(lock: dict[str, Any]) -> dict[str, Any]:
@@ -538,6 +566,8 @@ def format_diff(d: Diff) -> str:
     lines.append(f"params changed ({len(d.params)})")
     lines += [f"  {k}: {_short(va)} -> {_short(vb)}" for k, (va, vb) in d.params.items()]
     lines.append(f"stages rerun ({len(d.stages_rerun)}): {', '.join(d.stages_rerun) or 'none'}")
+    for name, files in d.code_per_stage.items():
+        lines.append(f"  {name} runs changed code: {', '.join(files)}")
     pa, pb = d.platforms
     if pa and pb and pa != pb:
         lines.append(f"platform: {'; '.join(pa)} -> {'; '.join(pb)}")
@@ -607,7 +637,8 @@ def verify(
                 )
         for path, recorded in deps(entry).items():
             if producer(lock, path) is None and Path(path).exists() and (actual := md5(path)) != recorded:
-                findings.append(Finding("source", path, f"{name} read {recorded}, on disk {actual}"))
+                used = "ran" if path.startswith(CODE_DIRS) else "read"  # code edited since, or data changed
+                findings.append(Finding("source", path, f"{name} {used} {recorded}, on disk {actual}"))
         if not runs.producing(name, outs(entry)):
             findings.append(
                 Finding(

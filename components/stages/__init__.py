@@ -9,7 +9,9 @@ dvc.yaml describes exactly this DAG, `tests/test_kfp.py` that the Kubeflow pipel
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PREPARED = "data/prepared"
 TEACHER = "data/teacher/model.pt"
@@ -210,6 +212,59 @@ def _dvc_path(stage: Stage, name: str, default: str) -> str:
     return f"${{{stage.param_paths[name]}}}" if name in stage.param_paths else default
 
 
+ROOT = Path(__file__).resolve().parents[2]
+CODE_PACKAGES = ("cdc", "components")  # the code a stage runs; tools/, tests/, bench/, docs/ are not
+# how a stage is started, logged and shown, not what it writes: a change there reruns nothing (the stage
+# list itself is dvc.yaml's source: a change to a stage's paths or params changes dvc.yaml)
+PLUMBING = (
+    "components/__init__.py",
+    "components/cli.py",
+    "components/progress.py",
+    "components/stage_server.py",
+    "components/stages/__init__.py",
+    "components/tracking.py",
+    "components/tracking_worker.py",
+)
+
+
+def code_dependencies(module: str) -> list[str]:
+    """The repository files that stage module `module` runs: itself and every `cdc`/`components` module it
+    imports, directly or through another, imports inside functions included and type-checking-only ones
+    not, found by reading the sources, but the `PLUMBING` (dvc.yaml lists them, so a change reruns the
+    stages that run it)."""
+    found: set[str] = set()
+    todo = [module]
+    while todo:
+        path = _module_file(todo.pop())
+        if path is None or path in found or path in PLUMBING:
+            continue
+        found.add(path)
+        todo += _imports(ast.parse((ROOT / path).read_text()))
+    return sorted(found)
+
+
+def _module_file(name: str) -> str | None:
+    if name.split(".")[0] not in CODE_PACKAGES:
+        return None
+    rel = Path(*name.split("."))
+    for candidate in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if (ROOT / candidate).is_file():
+            return candidate.as_posix()
+    return None
+
+
+def _imports(node: ast.AST) -> list[str]:
+    """Module names imported anywhere under `node` (for `from a import b`: `a` and `a.b`, which may be a
+    module), but under `if TYPE_CHECKING:`."""
+    if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+        return [name for child in node.orelse for name in _imports(child)]
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return [name for child in ast.iter_child_nodes(node) for name in _imports(child)]
+
+
 def dvc_yaml() -> dict:
     """The `dvc.yaml` content that wires STAGES."""
     stages = {}
@@ -223,7 +278,7 @@ def dvc_yaml() -> dict:
             outs.append({s.outputs[name]: {"persist": True, "cache": False}})
         entry: dict = {
             "cmd": command(s),
-            "deps": sorted({_dvc_path(s, k, v) for k, v in s.inputs.items()}),
+            "deps": sorted({_dvc_path(s, k, v) for k, v in s.inputs.items()}) + code_dependencies(s.module),
             "params": list(s.params),
             "outs": outs,
         }

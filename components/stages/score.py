@@ -52,9 +52,11 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     else:
         fine_to_coarse = coarse_groups(matrix, p.n_coarse, params.seed)
         source = "spectral_clustering"
-    t = coarse_block_count(len(stats), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
+    blocks = teacher.blocks()
+    block_of = {layer: block for block, layers in blocks.items() for layer in layers}
+    t = coarse_block_count(len(blocks), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
     if criterion.source == "stats":
-        scored = score_layers(stats, p.criterion, fine_to_coarse, t, params.seed, p.eps)
+        scored = score_layers(stats, p.criterion, fine_to_coarse, t, params.seed, p.eps, block_of)
     elif criterion.source == "grid":
         grid = read_grid_stats(inputs["grid"])
         if list(grid) != list(stats):
@@ -62,7 +64,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
                 f"score.criterion {p.criterion} needs the pooled-grid statistics in {inputs['grid']}, "
                 "which has none: set dump_stats.grid (e.g. 4) and rerun dump_stats"
             )
-        scored = score_layers(grid, p.criterion, fine_to_coarse, t, params.seed, p.eps)
+        scored = score_layers(grid, p.criterion, fine_to_coarse, t, params.seed, p.eps, block_of)
     else:
         scored = model_scores(params, inputs, list(stats), tracker)
     if not criterion.class_discriminant:
@@ -89,11 +91,19 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             "source": source,
             "coarse_blocks": t,
             "layers": len(stats),
+            # every layer of a block gets the block's labels; the first `coarse_blocks` are coarse
+            "blocks": [
+                {"block": block, "layers": layers, "level": "coarse" if k < t else "fine"}
+                for k, (block, layers) in enumerate(blocks.items())
+            ],
             "criterion": p.criterion,
         },
     )
     tracker.log_metrics({"coarse_blocks": t, "n_groups": n_groups})
-    log.info("scored %d layers with %s; T=%d coarse blocks; groups: %s", len(stats), p.criterion, t, groups)
+    log.info(
+        "scored %d layers in %d blocks with %s; T=%d coarse blocks; groups: %s",
+        len(stats), len(blocks), p.criterion, t, groups,
+    )  # fmt: skip
 
 
 def dataset_coarse_map(prepared: Path, name: str, num_classes: int) -> np.ndarray:
