@@ -7,13 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from cdc.io import load_model
 from cdc.models import build_model
 from cdc.params import Params
 from cdc.pruning import keep_counts
 from cdc.scoring import score_layers
 from cdc.stats import LayerStats
 from cdc.train import kd_loss
+from tests.workspace import run_ok
 
 
 def released_levels(n_blocks: int, t: int) -> list[str]:
@@ -86,3 +89,23 @@ def test_temperature_1_is_the_released_distillation_loss():
 def test_the_uniform_budget_rounds_where_the_released_code_floors(width, ratio, removed, released_removed):
     assert int(np.floor(ratio * width)) == released_removed
     assert keep_counts("uniform", ["l"], [width], {"ratio": ratio}) == [width - removed]
+
+
+@pytest.mark.e2e
+def test_dca_on_the_pruned_inner_activation_as_released(repro_copy):
+    """`fit_dca.layer: layer1.2.relu1` (ResNet-56's Res16_2 in the released code; here ResNet-20's):
+    teacher and student each get a basis of their own width, and distillation runs on them."""
+    ws, env = repro_copy
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["fit_dca"]["layer"] = "layer1.2.relu1"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    run_ok(["cdc", "fit_dca"], ws, env)
+    with np.load(ws / "data/dca/dca.npz") as dca:
+        w_teacher, w_student = dca["w_teacher"], dca["w_student"]
+    pool = params["fit_dca"]["pool"]
+    kept = load_model(ws / "data/prune/model.pt")[0].get_submodule("layer1.2.conv1").out_channels
+    assert kept < 16  # pruned: the released setting distils across two widths
+    assert w_teacher.shape[0] == 16 * pool * pool and w_student.shape[0] == kept * pool * pool
+    assert w_teacher.shape[1] == w_student.shape[1]  # the same L components
+    run_ok(["cdc", "distill"], ws, env)
+    assert (ws / "data/student/model.pt").exists()
