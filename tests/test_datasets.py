@@ -296,7 +296,8 @@ def test_dvc_repro_runs_the_whole_pipeline_on_a_streamed_image_tree(tmp_path: Pa
     assert {"teacher", "pruned", "student"} <= set(evaluation)
     assert (ws / "data/export/student.onnx").exists()
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["prepare"]
-    assert [d["path"] for d in lock["deps"]] == [str(tree)] and lock["deps"][0]["nfiles"] == 3 * 58
+    (data,) = [d for d in lock["deps"] if not d["path"].startswith(("cdc/", "components/"))]  # not the code
+    assert data["path"] == str(tree) and data["nfiles"] == 3 * 58
     # a changed image is a changed dataset: DVC reruns prepare
     (tree / "train" / "ant" / "00000.jpg").write_bytes((tree / "train" / "bee" / "00000.jpg").read_bytes())
     status = run_ok(["dvc", "status", "prepare"], ws, env)

@@ -888,7 +888,8 @@ def test_a_killed_training_stage_leaves_no_output_and_resumes_to_the_same_weight
     ok = ok and ("resumed from" in resumed.stderr) == resumes
     record(
         "kill",
-        f"`cdc {stage}`: {what} (`{point}`)",
+        f"`cdc {stage}` forked from a stage server (as under `cdc repro`): {what} (`{point}`); resumed in a "
+        "process of its own",
         f"exit {killed.returncode}; declared outputs left: {len(left)}; checkpoint kept: {checkpointed}; "
         f"resumed run exit {resumed.returncode}, weights {'bitwise equal' if same else 'DIFFERENT'} to an "
         f"uninterrupted run, history {'equal' if same_history else 'DIFFERENT'}",
