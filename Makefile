@@ -21,9 +21,14 @@ run: $(BIN)/cdc data  ## the default pipeline: dvc repro under one MLflow run, t
 # two workers, each test file on one (its module fixtures built once), the slowest files first in the
 # order tests/conftest.py gives (not xdist's, by test count); the 25 slowest tests listed
 PYTEST := $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+# The libraries every test process loads, read once before the workers start. On a machine whose page
+# cache is cold, the workers' parallel first imports fault ~3 GB of torch/CUDA libraries in at random:
+# 2026-12-02, this 2-core VM, 200 s of mostly I/O wait at the start of the suite; one process: 17 s.
+WARM := import torch, torchvision, mlflow, mlflow.store.tracking.sqlalchemy_store, sklearn.cluster, pyarrow.parquet, dvc.repo, kfp, onnxruntime, onnx
 test: $(BIN)/cdc data  ## lint, then the test suite (unit, component, end-to-end) on two pytest-xdist workers
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -c "$(WARM)"
 	$(PYTEST)
 
 KERNEL_PATHS := avx2 default
