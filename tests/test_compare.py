@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import RAW, REPO, clean_env, run_ok
+from tests.workspace import run_here
 from tools.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
 from tools.compare import cells as cells_of
 
@@ -70,31 +71,32 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     env = clean_env(tmp_path / "unused.db")
     rows_path = tmp_path / "docs" / "results" / "compare_tiny.json"
     rows_path.parent.mkdir(parents=True)
-    # a pruned-only row saved by an earlier profile that did not fine-tune l1 at 60%: the cell runs again
+    # a pruned-only row saved by an earlier profile that did not fine-tune l1 at 50%: the cell runs again
     # with its fine-tune and its row replaces this one
-    earlier = {"method": "l1", "flops_removed": 0.6, "seed": 0, "fine_tuned": False, "pruned_test": 0.123}
+    earlier = {"method": "l1", "flops_removed": 0.5, "seed": 0, "fine_tuned": False, "pruned_test": 0.123}
     rows_path.write_text(json.dumps([earlier]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(rows_path.read_text())
     cells = {(r["method"], r["flops_removed"]): r for r in rows}
     assert len(rows) == 4 and sorted(cells) == [("cdc", 0.5), ("cdc", 0.6), ("l1", 0.5), ("l1", 0.6)]
-    assert cells[("l1", 0.6)]["replaces_pruned_test"] == 0.123
+    assert cells[("l1", 0.5)]["replaces_pruned_test"] == 0.123
     for removed in (0.5, 0.6):
         cdc, l1 = cells[("cdc", removed)], cells[("l1", removed)]
         # matched budget: the same widths and FLOPs for both methods, near the target
         assert cdc["widths"] == l1["widths"] and cdc["flops_ratio"] == l1["flops_ratio"]
         assert abs(cdc["flops_ratio"] - (1 - removed)) <= 0.01
-        assert cdc["fine_tuned"] == (removed == 0.5)  # the profile's fine-tune budget
-        assert l1["fine_tuned"]  # fine-tuned everywhere in this profile
+        assert cdc["fine_tuned"] == l1["fine_tuned"] == (removed == 0.5)  # the profile's fine-tune budget
     assert len({r["teacher_test"] for r in rows}) == 1  # one teacher, trained once
     for r in rows:
         assert 0 <= r["pruned_test"] <= 1 and 0 <= r["student_test"] <= 1
     text = out.read_text()
     assert "CDC: hierarchical symdiv + KD + DCA" in text and "filter L1 norm" in text
     assert "Paired with the best data-free baseline" in text and "cdc compare --profile tiny" in text
-    for plot in ("tiny_student_test.png", "tiny_student_test_all.png", "tiny_pruned_test.png"):
-        assert (tmp_path / "docs" / "results" / plot).stat().st_size > 0
+    plots = tmp_path / "docs" / "results"
+    for plot in ("tiny_student_test_all.png", "tiny_pruned_test.png"):
+        assert (plots / plot).stat().st_size > 0
+    assert not (plots / "tiny_student_test.png").exists()  # no method is fine-tuned at two budgets
     latency = json.loads((tmp_path / "docs" / "results" / "compare_tiny_latency.json").read_text())
     assert sorted(latency) == ["0.5", "0.6"] and all(
         v["batch"]["64"]["speedup"] > 0 for v in latency.values()
@@ -108,8 +110,8 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     params = cell_params(PROFILES["tiny"], METHOD_BY_NAME["cdc"], 0, po["ratio"], fine_tune=False)
     (ws / "params.yaml").write_text(yaml.safe_dump(params))
     env = env | {"PYTHONPATH": str(ws)}
-    out = run_ok([sys.executable, "-m", "dvc", "repro", "prune"], ws, env)
-    assert "Stage 'prune' is cached - skipping run" in out  # the cell's pruned model, from DVC's run cache
+    said = run_ok([sys.executable, "-m", "dvc", "repro", "prune"], ws, env)
+    assert "Stage 'prune' is cached - skipping run" in said  # the cell's pruned model, from DVC's run cache
     # its teacher and pruned accuracies, by the evaluate stage (they do not depend on the student)
     run_ok(["cdc", "evaluate", "--student", "data/prune/model.pt"], ws, env)
     metrics = json.loads((ws / "metrics" / "evaluate.json").read_text())
@@ -121,4 +123,12 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 cells (4 done)" in again.stderr
-    assert json.loads((tmp_path / "docs" / "results" / "compare_tiny.json").read_text()) == rows
+    assert json.loads(rows_path.read_text()) == rows
+
+    # a method fine-tuned at two budgets gets its curve: the report alone, from a row added by hand
+    tuned = cells[("l1", 0.6)] | {"fine_tuned": True, "student_test": cells[("l1", 0.5)]["student_test"]}
+    rows_path.write_text(json.dumps([r for r in rows if r is not cells[("l1", 0.6)]] + [tuned]))
+    report_only = [*cmd[3:], "--report-only"]
+    assert run_here(report_only, REPO, env).returncode == 0
+    assert (plots / "tiny_student_test.png").stat().st_size > 0
+    assert "![after fine-tune](results/tiny_student_test.png)" in out.read_text()

@@ -23,6 +23,7 @@ from cdc.params import Params
 from components.stages import STAGE_BY_NAME, STAGES
 from components.tracking import md5
 from tests.conftest import TINY, copy_workspace, run_ok
+from tests.workspace import run_here
 from tools import lineage
 
 pytestmark = pytest.mark.e2e
@@ -36,7 +37,7 @@ def audited(workspace, first_repro, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def cdc(args: list[str], ws: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["cdc", *args], cwd=ws, env=env, capture_output=True, text=True)
+    return run_here(args, ws, env)
 
 
 def lock_outs(ws: Path) -> dict[str, str]:

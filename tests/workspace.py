@@ -3,6 +3,8 @@ tests run `cdc repro` in, and bench/pipeline_overhead.py too (no pytest here).""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -34,6 +36,27 @@ def run_ok(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
+
+
+def run_here(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`cdc <args>` run in this process with `cwd` and `env` (restored after): what a process would
+    return, for the tests that are about a command's output and exit status, not its process (2-3 s of
+    imports each; tests/test_reliability.py and tests/test_stage_server.py keep the real boundary)."""
+    from tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), Path.cwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(args)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["cdc", *args], code, out.getvalue(), err.getvalue())
 
 
 def clean_env(tracking_db: Path) -> dict[str, str]:

@@ -132,7 +132,7 @@ PROFILES: dict[str, dict] = {
         },
         "flops_removed": [0.5, 0.6],
         "finetune_removed": [0.5],
-        "finetune_everywhere": ["l1"],
+        "finetune_everywhere": [],
         "seeds": [0],
         "latency": {"rounds": 3, "block_ms": 20.0},  # checks the phase runs, measures nothing worth quoting
     },
