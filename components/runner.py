@@ -48,14 +48,20 @@ def execute(
         if not stage.distributed:
             names = ", ".join(s.name for s in STAGES if s.distributed)
             raise InputError(f"stage {stage.name} runs as one process; torchrun/--nproc serves {names}")
+        tags = {**(tags or {}), "cdc.nproc": os.environ["WORLD_SIZE"]}
+    try:
         if distributed.is_follower():
             return _follow(module, params, inputs, outputs, stage, **flags)
-        tags = {**(tags or {}), "cdc.nproc": os.environ["WORLD_SIZE"]}
-    with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags, run_log) as tracker:
-        start = time.perf_counter()
-        with staged(outputs, keep=stage.persist) as staging:
-            module.run(params, inputs, staging, tracker, **flags)
-        tracker.log_metrics({"timing.stage_s": time.perf_counter() - start})
+        with stage_run(stage.name, logged, inputs, outputs, parent_run_id, tags, run_log) as tracker:
+            start = time.perf_counter()
+            with staged(outputs, keep=stage.persist) as staging:
+                module.run(params, inputs, staging, tracker, **flags)
+            tracker.log_metrics({"timing.stage_s": time.perf_counter() - start})
+    finally:
+        # the stage's process group (torchrun ranks), destroyed as PyTorch asks: a rank that exits with its
+        # gloo group alive can abort in the interpreter's teardown ("terminate called without an active
+        # exception", seen once in a Kubeflow rank under ATEN_CPU_CAPABILITY=default, 2026-12-02)
+        distributed.shutdown()
 
 
 def _follow(

@@ -19,7 +19,7 @@ from typing import Any
 
 from cdc.io import read_json
 from cdc.params import Params
-from components.cli import NPROC_ENV, torchrun
+from components.cli import NPROC_ENV, exit_now, torchrun
 from components.runner import execute
 from components.stages import STAGE_BY_NAME, STAGES, Stage
 from components.tracking import git_commit, setup_mlflow
@@ -183,6 +183,7 @@ def log_kfp_metrics(artifact: Any, metrics: dict[str, Any], prefix: str = "") ->
             artifact.metadata[name] = value
 
 
-if __name__ == "__main__":  # a rank launched by `launch_ranks`
+if __name__ == "__main__":  # a rank launched by `launch_ranks`; ends as a `cdc` command does (exit_now)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_spec(Path(sys.argv[1]))
+    exit_now(0)
