@@ -24,7 +24,7 @@ import torch_pruning as tp
 
 from cdc.discriminants import DISCRIMINANTS, di
 from cdc.errors import InputError
-from cdc.models import PrunableNet
+from cdc.models import PrunableLayer, PrunableNet, hook_layer
 from cdc.registry import Registry
 
 Source = Literal["stats", "grid", "weights", "gradients"]
@@ -65,6 +65,14 @@ def _tp_scores(importance: Callable) -> Callable[[PrunableNet, tuple[int, ...]],
     return scores
 
 
+def _norm(layer: PrunableLayer) -> torch.nn.BatchNorm2d:
+    if layer.norm is None:
+        raise InputError(
+            f"criterion bn_gamma: layer {layer.name} has no BatchNorm (choose another criterion)"
+        )
+    return layer.norm
+
+
 def _per_layer(fn: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
     def scores(model: PrunableNet, _input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
         return {layer.name: fn(layer).detach().double().cpu().numpy() for layer in model.prunable_layers()}
@@ -76,7 +84,7 @@ WEIGHT_CRITERIA: Registry[Callable[[PrunableNet, tuple[int, ...]], dict[str, np.
     "weight criterion", "weight criteria"
 )
 WEIGHT_CRITERIA.add("l1", _per_layer(lambda layer: layer.conv.weight.abs().sum((1, 2, 3))))
-WEIGHT_CRITERIA.add("bn_gamma", _per_layer(lambda layer: layer.norm.weight.abs()))
+WEIGHT_CRITERIA.add("bn_gamma", _per_layer(lambda layer: _norm(layer).weight.abs()))
 WEIGHT_CRITERIA.add("tp_magnitude", _tp_scores(tp.importance.GroupMagnitudeImportance(p=2)))
 WEIGHT_CRITERIA.add("tp_fpgm", _tp_scores(tp.importance.FPGMImportance(p=2)))
 
@@ -97,7 +105,7 @@ def taylor_scores(
     images = 0
 
     def hook(name: str) -> Callable:
-        def forward_hook(_m: torch.nn.Module, _i: tuple, out: torch.Tensor) -> None:
+        def forward_hook(out: torch.Tensor) -> None:
             act = out.detach()
 
             def backward_hook(grad: torch.Tensor) -> None:
@@ -107,7 +115,7 @@ def taylor_scores(
 
         return forward_hook
 
-    handles = [layer.activation.register_forward_hook(hook(layer.name)) for layer in layers]
+    handles = [hook_layer(model, layer, hook(layer.name)) for layer in layers]
     try:
         for i, (x, y) in enumerate(batches):
             if i == max_batches:

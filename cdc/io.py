@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cdc.errors import InputError, reading
-from cdc.models import MODELS, PrunableNet, build_model
+from cdc.models import MODELS, Imported, ImportedNet, PrunableNet, build_model, is_import_path
 
 
 @contextmanager
@@ -59,9 +59,11 @@ def save_model(path: str | Path, model: PrunableNet, arch: str, num_classes: int
         "arch": arch,
         "num_classes": num_classes,
         "in_channels": in_channels,
-        "widths": model.widths(),
+        "widths": model.prunable_widths(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # loads anywhere
     }
+    if isinstance(model, ImportedNet):  # how its factory builds it again
+        record["imported"] = model._imported.record()
     save_torch(path, record)
 
 
@@ -91,12 +93,18 @@ def load_model(path: str | Path, what: str = "model file") -> tuple[PrunableNet,
     if not isinstance(record, dict) or not set(MODEL_KEYS) <= set(record):
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise InputError(f"{path}: not a cdc {what} (expected keys {list(MODEL_KEYS)}, found {found})", path)
-    if record["arch"] not in MODELS:
+    if record["arch"] not in MODELS and not is_import_path(record["arch"]):
         raise InputError(f"{path}: {what} of unknown architecture {record['arch']!r}", path)
     with reading(path, what):  # widths or weights that do not fit the architecture
-        model = build_model(record["arch"], record["num_classes"], record["in_channels"], record["widths"])
+        model = build_like(record, record["widths"])
         model.load_state_dict(record["state_dict"])
     return model.eval(), record
+
+
+def build_like(record: dict[str, Any], widths: list[int] | None = None) -> PrunableNet:
+    """The architecture of a model file's record, with `widths` (None: the full widths)."""
+    imported = Imported.from_record(record["imported"]) if "imported" in record else None
+    return build_model(record["arch"], record["num_classes"], record["in_channels"], widths, imported)
 
 
 def expect_model(path: str | Path, record: dict[str, Any], fix: str, **expected: Any) -> None:

@@ -1,14 +1,21 @@
-"""CNN architectures behind a registry, built from plain per-layer widths.
+"""CNN architectures: the registered ones, built from plain per-layer widths, and any other CNN named by
+import path (`package.module:factory`), whose prunable layers are discovered (cdc/discovery.py).
 
 Every model exposes its *prunable layers* in forward order: the conv whose output channels may be
 removed and the post-BN-ReLU module whose output is the scored tensor (method §1). A pruned model is
-the same class built with smaller widths, so it reloads from `(arch, widths, state_dict)` alone.
+the same architecture with smaller widths, so it reloads from `(arch, widths, state_dict)` alone (an
+imported one also from its factory's keyword arguments and layer patterns, saved with it).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,24 +28,106 @@ MODELS: Registry[ModelFactory] = Registry("model")
 register_model = MODELS.register
 
 
+@dataclass(frozen=True)
+class Imported:
+    """How an architecture named by import path is built: its factory's keyword arguments, the layer
+    patterns (module names, fnmatch) that narrow or widen the discovered prunable layers, and the image
+    size the discovery traces the model on (the model must run on it: a fixed-size Linear would not)."""
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    image_size: tuple[int, int] = (32, 32)
+
+    def record(self) -> dict[str, Any]:
+        """What a model file keeps (plain values: it loads with `weights_only`)."""
+        return {
+            "kwargs": dict(self.kwargs),
+            "include": self.include,
+            "exclude": self.exclude,
+            "image_size": list(self.image_size),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Imported:
+        return cls(record["kwargs"], record["include"], record["exclude"], tuple(record["image_size"]))
+
+
+def is_import_path(arch: str) -> bool:
+    return ":" in arch
+
+
 def build_model(
-    arch: str, num_classes: int, in_channels: int, widths: list[int] | None = None
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    widths: list[int] | None = None,
+    imported: Imported | None = None,
 ) -> PrunableNet:
     """Build `arch`; `widths` (one per prunable layer) gives a pruned architecture."""
+    if is_import_path(arch):
+        return build_imported(arch, num_classes, in_channels, imported or Imported(), widths)
     return MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, widths=widths)
 
 
 @dataclass(frozen=True)
 class PrunableLayer:
     """One prunable conv: `conv` loses output channels, `norm` is its BN (the slimming baseline's
-    gamma), `activation` yields the scored tensor. `block` is the block the layer belongs to: the
-    hierarchy gives every layer of a block the same labels (method §3)."""
+    gamma; None without one), `activation` yields the scored tensor at its `call`-th run of `calls`
+    per forward (torchvision's blocks run one ReLU module for every activation). `block` is the block
+    the layer belongs to: the hierarchy gives every layer of a block the same labels (method §3)."""
 
     name: str
     conv: nn.Conv2d
-    norm: nn.BatchNorm2d
+    norm: nn.BatchNorm2d | None
     activation: nn.Module
     block: str
+    call: int = 0
+    calls: int = 1
+    function: str | None = None  # a functional activation (torch.nn.functional name) the forward applies
+
+
+class _Handles:
+    def __init__(self, *handles: torch.utils.hooks.RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def hook_layer(
+    model: nn.Module,
+    layer: PrunableLayer,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    before: bool = False,
+    replace: bool = False,
+) -> _Handles:
+    """Call `fn` on the layer's scored tensor in every forward of `model` (`before`: on its BN output,
+    or its conv output without a BN). With `replace`, the tensor `fn` returns replaces the hooked
+    module's output, before a functional activation (every one of FUNCTIONAL keeps a zero a zero).
+    Use `.remove()` to stop."""
+    module, call, calls = layer.activation, layer.call, layer.calls
+    if before:
+        module, call, calls = layer.norm or layer.conv, 0, 1
+    if layer.function and not before and not replace:
+        activation, observe = getattr(nn.functional, layer.function), fn
+
+        def fn(out: torch.Tensor) -> None:
+            observe(activation(out))
+
+    if calls == 1:
+        return _Handles(module.register_forward_hook(lambda _m, _i, out: fn(out)))
+    runs = [0]  # runs of `module` in this forward of `model`
+
+    def reset(*_: object) -> None:
+        runs[0] = 0
+
+    def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        runs[0] += 1
+        return fn(out) if runs[0] == call + 1 else None
+
+    return _Handles(model.register_forward_pre_hook(reset), module.register_forward_hook(hook))
 
 
 class PrunableNet(nn.Module):
@@ -60,14 +149,14 @@ class PrunableNet(nn.Module):
             for name, conv, bn, act in self._prunable
         ]
 
-    def blocks(self) -> dict[str, list[str]]:
+    def layer_blocks(self) -> dict[str, list[str]]:
         """Each block's prunable layers, blocks and layers in forward order."""
         out: dict[str, list[str]] = {}
         for layer in self.prunable_layers():
             out.setdefault(layer.block, []).append(layer.name)
         return out
 
-    def widths(self) -> list[int]:
+    def prunable_widths(self) -> list[int]:
         return [layer.conv.out_channels for layer in self.prunable_layers()]
 
     def feature_layers(self) -> list[str]:
@@ -232,3 +321,132 @@ def _torchvision(name: str) -> ModelFactory:
 
 for _name in ("resnet18", "resnet50", "mobilenet_v2"):
     MODELS.add(_name, _torchvision(_name))
+
+
+# --- any CNN by import path: `package.module:factory`, its prunable layers discovered -----------------
+
+
+def load_factory(arch: str) -> Callable[..., nn.Module]:
+    """The callable `arch` names (`package.module:factory`, the factory may be dotted: `Class.build`).
+    Modules are imported from the workspace (the current directory) first, then installed packages."""
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"architecture {arch!r}: expected package.module:factory")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"architecture {arch!r}: cannot import {module_name} ({err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InputError(f"architecture {arch!r}: {module_name} has no {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"architecture {arch!r}: {attr} is not callable")
+    return obj
+
+
+class ImportedNet(PrunableNet):
+    """The methods a model built by an outside factory gains: its class is swapped for a subclass of
+    its own and this one (`adopt`), so its state-dict keys, forward and export stay the factory's."""
+
+    _discovered: list  # cdc.discovery.Discovered, every conv in forward order
+    _imported: Imported  # how it was built: saved with it (cdc.io.save_model)
+
+    def prunable_layers(self) -> list[PrunableLayer]:
+        from cdc.discovery import PRUNABLE
+
+        return [
+            PrunableLayer(
+                d.name,
+                self.get_submodule(d.name),
+                self.get_submodule(d.norm) if d.norm else None,
+                self.get_submodule(d.tensor),
+                d.block,
+                d.call,
+                d.calls,
+                d.function,
+            )
+            for d in self._discovered
+            if d.status == PRUNABLE
+        ]
+
+    def discovered(self) -> list:
+        return list(self._discovered)
+
+    def feature_layers(self) -> list[str]:
+        """The blocks holding prunable layers (each runs once per forward)."""
+        return list(self.layer_blocks())
+
+    def dca_layers(self) -> list[str]:
+        once = [layer.activation for layer in self.prunable_layers() if layer.calls == 1]
+        names = {m: n for n, m in self.named_modules()}
+        return self.feature_layers() + [names[m] for m in once]
+
+
+def _adopt(model: nn.Module, imported: Imported, discovered: list) -> ImportedNet:
+    cls = type(model)
+    ours = {n for n in vars(ImportedNet) | vars(PrunableNet) if not n.startswith("__")}
+    clash = sorted(n for n in ours if n in model._modules or n in vars(model) or hasattr(cls, n))
+    if clash and not isinstance(model, ImportedNet):
+        raise InputError(f"{cls.__name__} has attributes named like cdc's own ({clash}): rename them")
+    if not isinstance(model, ImportedNet):
+        model.__class__ = type(cls.__name__, (cls, ImportedNet), {"__module__": cls.__module__})
+    model._discovered, model._imported = discovered, imported  # type: ignore[attr-defined]
+    return model  # type: ignore[return-value]
+
+
+def build_imported(
+    arch: str, num_classes: int, in_channels: int, imported: Imported, widths: list[int] | None = None
+) -> ImportedNet:
+    """Build `arch` by its factory (with `num_classes` where the factory takes it), check that it maps
+    an `in_channels` image of `imported.image_size` to `num_classes` logits, discover its prunable
+    layers, and narrow them to `widths`."""
+    from cdc.discovery import PRUNABLE, discover
+    from cdc.pruning import prune_channels
+
+    factory = load_factory(arch)
+    kwargs = dict(imported.kwargs)
+    try:
+        accepts = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    if "num_classes" in accepts or any(p.kind is p.VAR_KEYWORD for p in accepts.values()):
+        kwargs.setdefault("num_classes", num_classes)
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"architecture {arch!r}: the factory returned a {type(model).__name__}, not a module"
+        )
+    example = torch.zeros(2, in_channels, *imported.image_size)
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is the message
+        raise InputError(
+            f"architecture {arch!r} does not run on {in_channels}x{imported.image_size[0]}x"
+            f"{imported.image_size[1]} images (the dataset's): {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.shape != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(
+            f"architecture {arch!r} gives outputs of shape {shape}, expected (batch, {num_classes}) logits "
+            "for the dataset's classes (pass num_classes through train_teacher.arch_kwargs?)"
+        )
+    found = discover(model, example[:1], imported.include, imported.exclude)
+    net = _adopt(model.train(), imported, found)
+    prunable = [d for d in found if d.status == PRUNABLE]
+    if widths is not None:
+        fits = len(widths) == len(prunable) and all(
+            1 <= int(w) <= d.width for w, d in zip(widths, prunable, strict=True)
+        )
+        if not fits:
+            raise InputError(
+                f"{arch}: expected {len(prunable)} widths, each between 1 and the layer's "
+                f"{[d.width for d in prunable]}, got {widths}"
+            )
+        removals = {d.name: list(range(int(w), d.width)) for d, w in zip(prunable, widths, strict=True)}
+        prune_channels(net, removals, (in_channels, *imported.image_size))
+    return net

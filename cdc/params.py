@@ -17,14 +17,28 @@ from cdc.criteria import CRITERIA
 from cdc.device import DEVICE_PATTERN
 from cdc.errors import InputError
 from cdc.inference import INFERENCE_FORMS
-from cdc.models import MODELS, PrunableNet, build_model
+from cdc.models import MODELS, Imported, PrunableNet, build_model, is_import_path
 from cdc.pruning import BUDGETS
 from cdc.registry import Registry
-from cdc.sources import COARSE_MAPS, DATASETS
+from cdc.sources import COARSE_MAPS, DATASETS, DEFAULT_IMAGE_SIZE
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(Section):
+    """Per-channel mean and std of images scaled to [0, 1] (ImageNet's for torchvision weights:
+    mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225])."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> Normalization:
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError("data.normalization: mean and std need one value per channel, std > 0")
+        return self
 
 
 class DataParams(Section):
@@ -48,6 +62,9 @@ class DataParams(Section):
         2, ge=0, description="DataLoader workers decoding streamed image files (speed only, not results)"
     )
     val_size: int = Field(5000, ge=1, description="images held out of the training set for validation")
+    normalization: Normalization | None = Field(
+        None, description="the input mean/std the model expects (null: computed from the training images)"
+    )
     train_limit: int | None = Field(None, ge=10, description="class-balanced cap on training images")
     test_limit: int | None = Field(None, ge=10, description="class-balanced cap on test images")
 
@@ -71,14 +88,47 @@ class DataParams(Section):
 
 
 class TrainTeacherParams(Section):
-    arch: str = "resnet20"
+    arch: str = Field(
+        "resnet20",
+        description="a registered model, or package.module:factory (a callable returning the CNN; modules "
+        "import from the workspace first: models/mynet.py is models.mynet:build)",
+    )
+    arch_kwargs: dict[str, object] = Field(
+        {},
+        description="import-path arch: keyword arguments of its factory (num_classes is passed when taken)",
+    )
+    layers_include: list[str] | None = Field(
+        None,
+        description="import-path arch: conv names (fnmatch patterns) to prune among the discovered ones; "
+        "may name the stem or a classifier input (null: every prunable one; `cdc inspect` lists them)",
+    )
+    layers_exclude: list[str] = Field([], description="import-path arch: conv name patterns left whole")
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
+        if is_import_path(v):
+            module, _, factory = v.partition(":")
+            if not module or not factory:
+                raise ValueError(f"expected a registered name or package.module:factory, got {v!r}")
+            return v
         return _check_registry(v, MODELS)
 
-    epochs: int = Field(8, ge=1)
+    @model_validator(mode="after")
+    def _discovery_settings_for_imported(self) -> TrainTeacherParams:
+        if not is_import_path(self.arch):
+            for key, default in (("arch_kwargs", {}), ("layers_include", None), ("layers_exclude", [])):
+                if getattr(self, key) != default:
+                    raise ValueError(f"train_teacher.{key} is read for a package.module:factory arch only")
+        if self.epochs == 0 and self.init_checkpoint is None:
+            raise ValueError(
+                "train_teacher.epochs 0 imports a trained model: set train_teacher.init_checkpoint"
+            )
+        return self
+
+    epochs: int = Field(
+        8, ge=0, description="0: the init_checkpoint is the teacher as it is (evaluated, not trained)"
+    )
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -264,7 +314,7 @@ class Params(Section):
     def _fits_model_and_dataset(self) -> Params:
         """Rules that need the model's layers or the dataset's classes, checked now rather than when the
         stage that reads them runs, hours later."""
-        model = model_layout(self.train_teacher.arch)
+        model = model_layout(self)
         layers = model.prunable_layers()
         if self.fit_dca.layer not in model.dca_layers():
             raise ValueError(
@@ -277,7 +327,7 @@ class Params(Section):
                 f"prune.ratios has {len(self.prune.ratios)} entries, {self.train_teacher.arch} has "
                 f"{len(layers)} prunable layers"
             )
-        t, n_blocks = self.score.coarse_blocks, len(model.blocks())
+        t, n_blocks = self.score.coarse_blocks, len(model.layer_blocks())
         if t is not None and t > n_blocks:
             arch = self.train_teacher.arch
             raise ValueError(f"score.coarse_blocks {t} > {n_blocks}, the blocks of {arch}")
@@ -301,12 +351,33 @@ class Params(Section):
         return self
 
 
-def model_layout(arch: str) -> PrunableNet:
-    """`arch` built on the CPU, for its layer names and widths. Not on the meta device: its first random
-    init imports torch._dynamo (2-3 s of every stage's start-up), more than building any zoo model costs
-    (ResNet-50: 0.6 s, ResNet-20: 15 ms)."""
+def model_layout(params: Params) -> PrunableNet:
+    """The teacher's architecture built on the CPU, for its layer names and widths. Not on the meta
+    device: its first random init imports torch._dynamo (2-3 s of every stage's start-up), more than
+    building any zoo model costs (ResNet-50: 0.6 s, ResNet-20: 15 ms). An import-path arch is built for
+    the dataset's image shape and classes (its layers are discovered on it)."""
+    arch = params.train_teacher.arch
     with torch.no_grad():
-        return build_model(arch, num_classes=10, in_channels=3)
+        if not is_import_path(arch):
+            return build_model(arch, num_classes=10, in_channels=3)
+        shape = dataset_shape(params.data)
+        classes = DATASETS[params.data.dataset].num_classes or 10
+        return build_model(arch, classes, shape[0], imported=imported_arch(params, shape))
+
+
+def dataset_shape(data: DataParams) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model sees, known from the params."""
+    known = DATASETS[data.dataset].input_shape
+    side = data.image_size or DEFAULT_IMAGE_SIZE
+    return known or (3, side, side)
+
+
+def imported_arch(params: Params, input_shape: tuple[int, ...]) -> Imported | None:
+    """How an import-path teacher is built (None for a registered arch)."""
+    p = params.train_teacher
+    if not is_import_path(p.arch):
+        return None
+    return Imported(dict(p.arch_kwargs), p.layers_include, p.layers_exclude, tuple(input_shape[1:3]))
 
 
 class ParamsError(InputError):

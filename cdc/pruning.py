@@ -20,7 +20,7 @@ import torch
 import torch_pruning as tp
 
 from cdc.errors import InputError
-from cdc.models import PrunableNet
+from cdc.models import PrunableNet, hook_layer
 from cdc.registry import Registry
 
 
@@ -167,7 +167,7 @@ def silencing_probe(
             mask[order[:k]] = 1.0
             masks.append(mask.view(1, -1, 1, 1))
         handles = [
-            layer.activation.register_forward_hook(lambda _m, _i, out, mask=mask: out * mask.to(out.device))
+            hook_layer(model, layer, lambda out, mask=mask: out * mask.to(out.device), replace=True)
             for layer, mask in zip(layers, masks, strict=True)
         ]
         model.eval()

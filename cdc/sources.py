@@ -45,17 +45,19 @@ class DatasetSource:
     load: Callable[[Path], RawDataset]
     # known before any data is read, so params are checked against it; None: found in the data
     num_classes: int | None
+    input_shape: tuple[int, int, int] | None = None  # channels, height, width (None: set by params)
 
 
 DATASETS: Registry[DatasetSource] = Registry("dataset")
+DEFAULT_IMAGE_SIZE = 224  # imagefolder with data.image_size null: the ImageNet convention
 COARSE_MAPS = {"cifar100_superclasses": "cifar100"}  # score.coarse_map name -> the dataset that has it
 
 
 def register_dataset(
-    name: str, num_classes: int | None
+    name: str, num_classes: int | None, input_shape: tuple[int, int, int] | None = None
 ) -> Callable[[Callable[[Path], RawDataset]], Callable[[Path], RawDataset]]:
     def add(load: Callable[[Path], RawDataset]) -> Callable[[Path], RawDataset]:
-        DATASETS.add(name, DatasetSource(load, num_classes))
+        DATASETS.add(name, DatasetSource(load, num_classes, input_shape))
         return load
 
     return add
@@ -75,7 +77,7 @@ def _torchvision_split(dataset: object) -> Split:
     return Split(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(dataset.targets, dtype=np.int64))  # type: ignore[attr-defined]
 
 
-@register_dataset("fashion_mnist", 10)
+@register_dataset("fashion_mnist", 10, (1, 28, 28))
 def fashion_mnist(root: Path) -> RawDataset:
     from torchvision.datasets import FashionMNIST
 
@@ -235,8 +237,8 @@ def _cifar_missing(root: Path, *sources: _Files) -> InputError:
     )
 
 
-register_dataset("cifar10", 10)(_cifar10)
-register_dataset("cifar100", 100)(_cifar100)
+register_dataset("cifar10", 10, (3, 32, 32))(_cifar10)
+register_dataset("cifar100", 100, (3, 32, 32))(_cifar100)
 
 
 # --- imagefolder: root/train/<class>/*.jpg, optional root/val/ and root/test/ -------------------------

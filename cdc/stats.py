@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cdc import distributed
-from cdc.models import PrunableNet
+from cdc.models import PrunableNet, hook_layer
 
 SCORED_TENSORS = ("post_relu", "pre_relu")
 BN_MODES = ("eval", "batch")
@@ -123,7 +123,7 @@ class StatsCollector:
         self._onehot_t: torch.Tensor | None = None  # classes x batch, float64
         self._counts: torch.Tensor | None = None
         self._sums: dict[str, _DeviceSums] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list = []
 
     @property
     def labels(self) -> torch.Tensor | None:
@@ -137,8 +137,8 @@ class StatsCollector:
         self._onehot_t = onehot.T.to(torch.float64)
         self._counts = onehot.sum(0)
 
-    def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor], torch.Tensor], None]:
-        def hook(_module: nn.Module, _inp: tuple[torch.Tensor], out: torch.Tensor) -> None:
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(out: torch.Tensor) -> None:
             assert self._onehot_t is not None, "set collector.labels before the forward pass"
             x = out.detach()
             st = self._sums.get(name)
@@ -194,8 +194,8 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         for layer in self.model.prunable_layers():
-            module = layer.activation if self.tensor == "post_relu" else layer.norm
-            self._handles.append(module.register_forward_hook(self._hook(layer.name)))
+            before = self.tensor != "post_relu"
+            self._handles.append(hook_layer(self.model, layer, self._hook(layer.name), before))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,5 +1,5 @@
 """`cdc`: the stage commands of `components/cli.py` plus `cdc kfp` (compile, run-local, submit, schedule),
-`cdc compare`, `cdc lineage`, `cdc promote` and `cdc storage`.
+`cdc compare`, `cdc lineage`, `cdc promote`, `cdc storage` and `cdc inspect`.
 
 The console script sits on top so that the arrows keep pointing down: tools/ uses pipeline/ (Kubeflow,
 loaded only for `cdc kfp`), components/ and cdc/; none of them imports tools/.
@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from components import cli as stage_cli
 from components.storage import add_storage_parser, run_storage
 from tools.compare import add_compare_parser, run_compare
+from tools.inspect_model import add_inspect_parser, run_inspect
 from tools.lineage import add_lineage_parser, add_promote_parser, run_lineage, run_promote
 
 log = logging.getLogger("cdc.kfp")
@@ -194,6 +195,7 @@ EXTENSIONS: dict[str, stage_cli.Extension] = {
     "lineage": (add_lineage_parser, run_lineage),
     "promote": (add_promote_parser, run_promote),
     "storage": (add_storage_parser, run_storage),
+    "inspect": (add_inspect_parser, run_inspect),
 }
 
 

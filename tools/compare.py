@@ -179,7 +179,7 @@ def uniform_ratio_for(arch: str, num_classes: int, input_shape: tuple[int, ...],
     from cdc.pruning import keep_counts
 
     model = build_model(arch, num_classes, input_shape[0])
-    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
     full = _widths_flops(arch, num_classes, input_shape, tuple(widths))
     best = (float("inf"), 0.0)
     for ratio in np.arange(0.0, 0.96, 0.0025):

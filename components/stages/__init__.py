@@ -214,6 +214,9 @@ def _dvc_path(stage: Stage, name: str, default: str) -> str:
 
 ROOT = Path(__file__).resolve().parents[2]
 CODE_PACKAGES = ("cdc", "components")  # the code a stage runs; tools/, tests/, bench/, docs/ are not
+# the user's model code and trained checkpoints (train_teacher.arch models.mynet:build, init_checkpoint
+# models/teacher.pt): a dependency of every stage that builds the model, so a change reruns from there
+USER_MODELS = "models"
 # how a stage is started, logged and shown, not what it writes: a change there reruns nothing (the stage
 # list itself is dvc.yaml's source: a change to a stage's paths or params changes dvc.yaml)
 PLUMBING = (
@@ -225,6 +228,11 @@ PLUMBING = (
     "components/tracking.py",
     "components/tracking_worker.py",
 )
+
+
+def builds_model(stage: Stage) -> bool:
+    """Whether the stage builds the network (it may be the user's code in USER_MODELS)."""
+    return stage.name == "train_teacher" or "teacher" in stage.inputs
 
 
 def code_dependencies(module: str) -> list[str]:
@@ -278,7 +286,9 @@ def dvc_yaml() -> dict:
             outs.append({s.outputs[name]: {"persist": True, "cache": False}})
         entry: dict = {
             "cmd": command(s),
-            "deps": sorted({_dvc_path(s, k, v) for k, v in s.inputs.items()}) + code_dependencies(s.module),
+            "deps": sorted({_dvc_path(s, k, v) for k, v in s.inputs.items()})
+            + ([USER_MODELS] if builds_model(s) else [])
+            + code_dependencies(s.module),
             "params": list(s.params),
             "outs": outs,
         }

@@ -30,12 +30,11 @@ from cdc.errors import InputError
 from cdc.images import FileSplit, check_image, decode_all, file_md5
 from cdc.io import atomic_path, write_json
 from cdc.params import Params
-from cdc.sources import load_raw
+from cdc.sources import DEFAULT_IMAGE_SIZE, load_raw
 from components.progress import progress
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
-DEFAULT_IMAGE_SIZE = 224  # imagefolder with data.image_size null: the ImageNet convention
 NORMALIZATION_SAMPLE = 2000  # training images a streamed dataset's mean and std are estimated on
 DECODE_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -97,6 +96,13 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     if not streamed:
         images = splits["train"].images  # type: ignore[union-attr]
     mean, std = channel_mean_std(images)
+    if p.normalization is not None:  # the model's own (e.g. ImageNet's for torchvision weights)
+        if len(p.normalization.mean) != len(mean):
+            raise InputError(
+                f"data.normalization gives {len(p.normalization.mean)} channels, the images have {len(mean)}"
+            )
+        mean, std = list(p.normalization.mean), list(p.normalization.std)
+        meta["normalization"] = "data.normalization"
     if streamed:
         meta["storage"] = "files"
     meta.update(

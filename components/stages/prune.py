@@ -15,8 +15,8 @@ import numpy as np
 from cdc.data import load_prepared, stratified_subset
 from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
-from cdc.io import load_model, read_json, save_model, write_json
-from cdc.models import PrunableNet, build_model
+from cdc.io import build_like, load_model, read_json, save_model, write_json
+from cdc.models import PrunableNet
 from cdc.params import Params
 from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
 from cdc.stats_table import SCORES_SCHEMA, read_checked
@@ -33,7 +33,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     )
     scores = read_checked(inputs["scores"], SCORES_SCHEMA, "table of channel scores").to_pandas()
     names = [layer.name for layer in model.prunable_layers()]
-    widths_before = model.widths()
+    widths_before = model.prunable_widths()
     layer_scores = [scores[scores["layer"] == n].sort_values("channel")["score"].to_numpy() for n in names]
     counts = [len(s) for s in layer_scores]
     if sorted(scores["layer"].unique()) != sorted(names) or counts != widths_before:
@@ -58,7 +58,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "sensitivity_trace": probe.trace or None,
         "layers": names,
         "widths_before": widths_before,
-        "widths_after": model.widths(),
+        "widths_after": model.prunable_widths(),
         "removed_channels": removals,
         "flops_before": before["flops"],
         "flops_after": after["flops"],
@@ -75,7 +75,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "pruned to %.1f%% of FLOPs, %.1f%% of params; widths %s",
         100 * report["flops_ratio"],
         100 * report["params_ratio"],
-        model.widths(),
+        model.prunable_widths(),
     )
 
 
@@ -92,8 +92,7 @@ def budget_probe(
 
     @cache
     def flops(widths: tuple[int, ...]) -> int:
-        arch = build_model(record["arch"], record["num_classes"], record["in_channels"], list(widths))
-        return count_macs(arch, input_shape)
+        return count_macs(build_like(record, list(widths)), input_shape)
 
     if params.prune.budget != "flops_target":
         return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)

@@ -52,7 +52,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     else:
         fine_to_coarse = coarse_groups(matrix, p.n_coarse, params.seed)
         source = "spectral_clustering"
-    blocks = teacher.blocks()
+    blocks = teacher.layer_blocks()
     block_of = {layer: block for block, layers in blocks.items() for layer in layers}
     t = coarse_block_count(len(blocks), p.coarse_blocks, p.coarse_fraction) if p.hierarchy else 0
     if criterion.source == "stats":

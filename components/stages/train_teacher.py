@@ -1,5 +1,7 @@
 """Stage `train_teacher`: SGD training of the full network with validation every epoch.
 
+With `epochs: 0` the `init_checkpoint` is the teacher as it is: loaded, checked against the dataset and
+measured on the validation split, never trained (a trained model loses accuracy to a fresh schedule).
 The checkpoint of every epoch (model, optimizer, schedule, RNG states) goes to the persistent
 `checkpoints` directory; a rerun after a kill resumes from the last one, and SIGTERM checkpoints at
 the next step (components/epochs.py). The output model is the final epoch's.
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from cdc.data import load_prepared
+from cdc.data import Prepared, load_prepared
+from cdc.errors import InputError
 from cdc.images import file_md5
 from cdc.io import load_initial_weights, save_model, write_json
-from cdc.models import build_model
-from cdc.params import Params
-from cdc.train import EpochResult, sgd, warmup_cosine
+from cdc.models import PrunableNet, build_model
+from cdc.params import Params, imported_arch
+from cdc.train import BatchIterable, EpochResult, evaluate, sgd, warmup_cosine
 from components.checkpoint import Checkpoints, fingerprint
 from components.epochs import EpochLoop
 from components.history import record_epoch, write_history
@@ -39,14 +42,23 @@ def run(
     runtime = stage_runtime(params, tracker)
     data = load_prepared(inputs["prepared"], params.data.workers)
     torch.manual_seed(params.seed)
-    model = build_model(p.arch, data.num_classes, data.input_shape[0])
+    imported = imported_arch(params, data.input_shape)
+    model = build_model(p.arch, data.num_classes, data.input_shape[0], imported=imported)
     if p.init_checkpoint:
         fresh = load_initial_weights(model, p.init_checkpoint)
         tracker.set_tags({"cdc.init_checkpoint.md5": file_md5(Path(p.init_checkpoint))})
         log.info("initial weights from %s%s", p.init_checkpoint, f"; new head {fresh}" if fresh else "")
+        if fresh and p.epochs == 0:
+            raise InputError(
+                f"{p.init_checkpoint}: its classifier ({fresh}) does not fit the {data.num_classes} classes "
+                "of the dataset; a teacher imported as it is (train_teacher.epochs 0) needs its own head",
+                p.init_checkpoint,
+            )
     model.to(runtime.device)
-    train = data.training_batches(p.batch_size, params.seed, runtime.device, p.augment, p.hflip)
     val = data.batches("val", 512, device=runtime.device)
+    if p.epochs == 0:
+        return import_as_is(model, p.arch, data, val, outputs, tracker)
+    train = data.training_batches(p.batch_size, params.seed, runtime.device, p.augment, p.hflip)
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))
 
@@ -67,3 +79,23 @@ def run(
     write_history(outputs["history"], history)
     write_json(outputs["metrics"], {"val_acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]})
     checkpoints.finish()
+
+
+def import_as_is(
+    model: PrunableNet,
+    arch: str,
+    data: Prepared,
+    val: BatchIterable,
+    outputs: dict[str, Path],
+    tracker: StageTracker,
+) -> None:
+    """`train_teacher.epochs: 0`: the checkpoint is the teacher, measured on the validation split and
+    written with the usual outputs (its history is that one row, epoch 0)."""
+    with torch.no_grad():
+        result = evaluate(model, val)
+    log.info("teacher imported as it is: val acc %.4f, val loss %.4f", result.accuracy, result.loss)
+    tracker.log_metrics({"val_loss": result.loss, "val_acc": result.accuracy}, step=0)
+    save_model(outputs["model"], model, arch, data.num_classes, data.input_shape[0])
+    write_history(outputs["history"], [{"epoch": 0, "val_loss": result.loss, "val_acc": result.accuracy}])
+    write_json(outputs["metrics"], {"val_acc": result.accuracy, "val_loss": result.loss})
+    outputs["checkpoints"].mkdir(parents=True, exist_ok=True)  # a declared output: nothing to resume
