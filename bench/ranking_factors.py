@@ -79,7 +79,7 @@ class Teacher:
         self.data = load_prepared(ws / "data" / "prepared")
         self.confusion = np.asarray(read_json(ws / "data" / "stats" / "confusion.json")["matrix"])
         self.names = [layer.name for layer in self.model.prunable_layers()]
-        self.widths = self.model.widths()
+        self.widths = self.model.prunable_widths()
         self._stats: dict[tuple[str, str], tuple] = {}
 
     def stats(self, tensor: str = "post_relu", bn_mode: str = "eval") -> tuple:

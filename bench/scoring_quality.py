@@ -63,7 +63,9 @@ def pruned_accuracy(
 ) -> float:
     pruned = copy.deepcopy(model)
     names = [layer.name for layer in pruned.prunable_layers()]
-    keep = keep_counts("uniform", names, pruned.widths(), PruneParams().model_dump() | {"ratio": ratio})
+    keep = keep_counts(
+        "uniform", names, pruned.prunable_widths(), PruneParams().model_dump() | {"ratio": ratio}
+    )
     removals = {s.layer: channels_to_remove(s.scores, k) for s, k in zip(scored, keep, strict=True)}
     prune_channels(pruned, removals, SHAPE)
     recalibrate_bn(pruned, batches(train, 128, shuffle=True, seed=0), 20)

@@ -81,15 +81,15 @@ def main() -> None:
     budgets = [("uniform", {"ratio": args.ratio, "round_to": m}) for m in args.round_to]
     # the same widths a uniform budget gives at round_to 16 cannot reach half the FLOPs on a 16-channel
     # stage; a per-layer budget that prunes only the wider stages can
-    per_layer = [0.0 if w <= 16 else 1 - 16 / w for w in teacher.widths()]
+    per_layer = [0.0 if w <= 16 else 1 - 16 / w for w in teacher.prunable_widths()]
     budgets.append(("per_layer", {"ratios": per_layer, "round_to": 16}))
     for budget, budget_params in budgets:
-        widths = keep_counts(budget, names, teacher.widths(), budget_params)
+        widths = keep_counts(budget, names, teacher.prunable_widths(), budget_params)
         label = f"{budget} round_to {budget_params['round_to']}"
         models[f"student ({label})"] = build_model(args.arch, 10, INPUT_SHAPE[0], widths).to(device).eval()
     first = next(n for n in models if n.startswith("student ("))
     models["student twin"] = (
-        build_model(args.arch, 10, INPUT_SHAPE[0], models[first].widths()).to(device).eval()
+        build_model(args.arch, 10, INPUT_SHAPE[0], models[first].prunable_widths()).to(device).eval()
     )
     flops = {name: count_macs(m, INPUT_SHAPE) for name, m in models.items()}
     students = [n for n in models if n.startswith("student (")]
@@ -126,7 +126,7 @@ def main() -> None:
                         "batch_size": bs,
                         "form": form,
                         "student": name,
-                        "widths": models[name].widths(),
+                        "widths": models[name].prunable_widths(),
                         "teacher_ms": lat["teacher"].ms,
                         "student_ms": r.ms,
                         "speedup": r.speedup,

@@ -24,7 +24,7 @@ def test_uniform_ratio_for_meets_each_budget_within_a_percent():
     from cdc.pruning import keep_counts
 
     model = build_model("resnet20", 10, 1)
-    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
     full = count_macs(model, (1, 28, 28))
     for removed in PROFILES["default"]["flops_removed"]:
         ratio = uniform_ratio_for("resnet20", 10, (1, 28, 28), removed)

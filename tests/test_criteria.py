@@ -138,7 +138,7 @@ def test_weight_criteria_match_the_weights():
         np.testing.assert_allclose(gamma[layer.name], np.abs(layer.norm.weight.detach().double().numpy()))
     for name in ("tp_magnitude", "tp_fpgm"):
         scores = weight_scores(name, model, SHAPE)
-        assert [len(v) for v in scores.values()] == model.widths()
+        assert [len(v) for v in scores.values()] == model.prunable_widths()
         assert all(np.isfinite(v).all() for v in scores.values())
 
 
@@ -188,7 +188,7 @@ def _flops_fn(arch: str):
 @pytest.mark.parametrize("round_to", [1, 8])
 def test_flops_target_meets_its_target_and_spares_the_sensitive_layer(round_to):
     model = build_model("resnet20", 10, 1)
-    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
     flops = _flops_fn("resnet20")
     # accuracy falls steeply with cuts of layer 0 only: the budget must take its FLOPs elsewhere
     probe = BudgetProbe(flops, [], accuracy=lambda keep: 0.9 - 0.05 * (widths[0] - keep[0]))
@@ -204,7 +204,7 @@ def test_flops_target_meets_its_target_and_spares_the_sensitive_layer(round_to):
 def test_flops_target_with_the_silencing_probe_on_a_real_model(small_split):
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 1)
-    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
     scores = [np.random.default_rng(i).random(w) for i, w in enumerate(widths)]
     images = Split(small_split.images[:50], small_split.labels[:50])  # the probe runs them per cut tried
     probe = silencing_probe(model, scores, batches(images, 25), _flops_fn("resnet20"))
@@ -226,7 +226,7 @@ def test_flops_target_with_the_silencing_probe_on_a_real_model(small_split):
 
 def test_global_budget_meets_the_target_from_the_lowest_scores():
     model = build_model("resnet20", 10, 1)
-    names, widths = [layer.name for layer in model.prunable_layers()], model.widths()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
     flops = _flops_fn("resnet20")
     scores = [np.random.default_rng(i).random(w) for i, w in enumerate(widths)]
     scores[0] = np.full(widths[0], 10.0)

@@ -48,7 +48,7 @@ def test_resnet56_with_the_released_t_scores_blocks_0_to_14_coarse():
 
 def test_every_layer_of_a_resnet50_bottleneck_shares_its_labels():
     model = build_model("resnet50", 10, 3)
-    blocks = model.blocks()
+    blocks = model.layer_blocks()
     assert len(model.prunable_layers()) == 32 and len(blocks) == 16
     assert blocks["layer3.1"] == ["layer3.1.conv1", "layer3.1.conv2"]
     for t in (8, 9):  # around round(0.52 x 16); the layer count (17 of 32) once split layer3.1

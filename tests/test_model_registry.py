@@ -54,7 +54,7 @@ def test_every_model_prunes_runs_counts_reloads_and_is_hooked(arch: str, tmp_pat
     torch.manual_seed(0)
     model = build_model(arch, num_classes=7, in_channels=1)
     layers = model.prunable_layers()
-    widths = model.widths()
+    widths = model.prunable_widths()
     rng = np.random.default_rng(0)
     keep = [w - w // 2 for w in widths]
     removals = {
@@ -64,7 +64,7 @@ def test_every_model_prunes_runs_counts_reloads_and_is_hooked(arch: str, tmp_pat
     before = count_macs(model, INPUT)
     prune_channels(model, removals, INPUT)
 
-    assert model.widths() == keep
+    assert model.prunable_widths() == keep
     assert count_macs(model, INPUT) == reference_macs(model, INPUT) < before
     assert count_macs(model, INPUT) == count_macs(build_model(arch, 7, 1, keep), INPUT)
     x = torch.randn(3, *INPUT)

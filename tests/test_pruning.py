@@ -84,7 +84,7 @@ def test_resnet20_widths_and_flops_after_pruning():
     model = build_model("resnet20", 10, 1)
     removals = {layer.name: list(range(layer.conv.out_channels // 2)) for layer in model.prunable_layers()}
     prune_channels(model, removals, SHAPE)
-    assert model.widths() == [8] * 3 + [16] * 3 + [32] * 3
+    assert model.prunable_widths() == [8] * 3 + [16] * 3 + [32] * 3
     # Hand count of MACs for 28x28 inputs (stage maps 28, 14, 7).
     stem = 28 * 28 * 1 * 16 * 9
     stage1 = 3 * (28 * 28 * (16 * 8 * 9 + 8 * 16 * 9))
@@ -122,4 +122,4 @@ def test_pruned_model_reloads_in_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str([13, 13, 13, 29, 29, 29, 61, 61, 61])
     loaded, _ = load_model(path)
-    assert loaded.widths() == model.widths()
+    assert loaded.prunable_widths() == model.prunable_widths()

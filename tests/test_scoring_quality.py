@@ -91,7 +91,7 @@ def _logits_after(model: PrunableNet, scored: list[LayerScores]) -> torch.Tensor
     pruned = copy.deepcopy(model)
     removals = {s.layer: channels_to_remove(s.scores, len(s.scores) // 2) for s in scored}
     prune_channels(pruned, removals, SHAPE)
-    assert pruned.widths() == [w // 2 for w in model.widths()]
+    assert pruned.prunable_widths() == [w // 2 for w in model.prunable_widths()]
     x = torch.cat([x for x, _ in planted_batches(seed=1)])  # images the scores never saw
     with torch.no_grad():
         return pruned.eval()(x)
