@@ -214,8 +214,9 @@ def discover(
     was_training = model.training
     model.eval()
     try:
-        calls, consumers = _trace(model, example)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        with torch.enable_grad():  # Torch-Pruning traces through autograd (params validate under no_grad)
+            calls, consumers = _trace(model, example)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     finally:
         model.train(was_training)
     names = {m: n for n, m in model.named_modules()}

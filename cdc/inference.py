@@ -10,6 +10,7 @@ ONNX Runtime (which folds BN itself and has a lower per-operator cost than eager
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ from cdc.errors import InputError
 from cdc.latency import Forward
 from cdc.registry import Registry
 
+log = logging.getLogger(__name__)
+
 # what is timed (evaluate.latency_form), each a builder (model, x, threads) -> a no-argument forward
 INFERENCE_FORMS: Registry[Callable[[nn.Module, torch.Tensor, int | None], Forward]] = Registry(
     "inference form"
@@ -30,8 +33,13 @@ INFERENCE_FORMS: Registry[Callable[[nn.Module, torch.Tensor, int | None], Forwar
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy with every conv -> BN pair folded into one conv (same outputs up to rounding)."""
-    return fx_optimization.fuse(copy.deepcopy(model).eval(), inplace=True)
+    """An eval-mode copy with every conv -> BN pair folded into one conv (same outputs up to rounding).
+    A model torch.fx cannot trace (control flow on tensor values) stays as it is, with a warning."""
+    try:
+        return fx_optimization.fuse(copy.deepcopy(model).eval(), inplace=True)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: the unfolded model is still right
+        log.warning("BN not folded: torch.fx cannot trace %s (%s)", type(model).__name__, str(err)[:200])
+        return copy.deepcopy(model).eval()
 
 
 class Deployable(nn.Module):

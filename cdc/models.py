@@ -156,6 +156,28 @@ class PrunableNet(nn.Module):
             out.setdefault(layer.block, []).append(layer.name)
         return out
 
+    def discovered(self) -> list:
+        """Every prunable conv as `cdc.discovery.Discovered` rows (the prune report, `cdc inspect`):
+        here the declared ones; an imported model lists every conv, with why it is left whole."""
+        from cdc.discovery import ACTIVATION, PRUNABLE, Discovered
+
+        return [
+            Discovered(
+                name,
+                self.get_submodule(conv).out_channels,
+                PRUNABLE,
+                "declared",
+                (),
+                bn,
+                act,
+                0,
+                1,
+                ACTIVATION,
+                self._block_of.get(name, name),
+            )
+            for name, conv, bn, act in self._prunable
+        ]
+
     def prunable_widths(self) -> list[int]:
         return [layer.conv.out_channels for layer in self.prunable_layers()]
 

@@ -223,7 +223,8 @@ def prune_channels(
     model: PrunableNet, removals: dict[str, list[int]], input_shape: tuple[int, ...]
 ) -> PrunableNet:
     """Physically remove `removals[layer]` output channels of each prunable conv, in place."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
+    with torch.enable_grad():  # Torch-Pruning traces through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     for layer in model.prunable_layers():
         idxs = removals.get(layer.name, [])
         if not idxs:

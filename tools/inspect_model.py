@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,8 @@ def add_inspect_parser(sub: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from cdc.discovery import Discovered, describe
-    from cdc.models import Imported, ImportedNet, build_model, is_import_path
+    from cdc.discovery import describe
+    from cdc.models import Imported, build_model, is_import_path
     from cdc.params import Params, dataset_shape, load_params
     from cdc.sources import DATASETS
 
@@ -69,33 +70,13 @@ def run_inspect(args: argparse.Namespace) -> int:
             f"{arch} is a registered model: its layers are declared (no --kwargs/--include/--exclude)"
         )
     model = build_model(arch, classes, shape[0], imported=imported)
-    if isinstance(model, ImportedNet):
-        rows = model.discovered()
-    else:
-        rows = [
-            Discovered(
-                layer.name,
-                layer.conv.out_channels,
-                "prunable",
-                "declared",
-                (),
-                None,
-                _path(model, layer.activation),
-                0,
-                1,
-                "activation",
-                layer.block,
-            )
-            for layer in model.prunable_layers()
-        ]
-    print(f"{arch} on {'x'.join(map(str, shape))} images, {classes} classes")
-    print(describe(rows))
-    print(
+    dca = model.dca_layers()
+    text = [
+        f"{arch} on {'x'.join(map(str, shape))} images, {classes} classes",
+        describe(model.discovered()),
         f"{len(model.layer_blocks())} blocks with prunable layers; DCA layers (fit_dca.layer): "
-        f"{', '.join(model.dca_layers()[:6])}{' ...' if len(model.dca_layers()) > 6 else ''}"
-    )
+        f"{', '.join(dca[:6])}{' ...' if len(dca) > 6 else ''}",
+    ]
+    with suppress(BrokenPipeError):  # `cdc inspect ... | head`
+        print("\n".join(text))
     return 0
-
-
-def _path(model: Any, module: Any) -> str:
-    return next(name for name, m in model.named_modules() if m is module)

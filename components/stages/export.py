@@ -13,6 +13,8 @@ The report holds only what the inputs determine (no registry version, no times):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +57,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     with torch.no_grad():
         reference = student((images - deployable.mean) / deployable.std).numpy()
 
-    with atomic_path(outputs["onnx"]) as tmp:
+    with atomic_path(outputs["onnx"]) as tmp, exporting("ONNX", record["arch"]):
         onnx_bytes = export_onnx(deployable, images[:2], tmp)
     session = onnx_session(onnx_bytes)
-    with atomic_path(outputs["torchscript"]) as tmp:
+    with atomic_path(outputs["torchscript"]) as tmp, exporting("TorchScript", record["arch"]):
         export_torchscript(deployable, images[:2], tmp)
     scripted = load_torchscript(outputs["torchscript"])
     with torch.no_grad():
@@ -101,3 +103,19 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             {"cdc.student.md5": md5(inputs["student"]), "cdc.student.path": str(inputs["student"])},
         )
         log.info("registered as models:/%s/%s, alias candidate", p.model_name, version)
+
+
+@contextmanager
+def exporting(form: str, arch: str) -> Iterator[None]:
+    """A model the exporter cannot handle (a user's architecture) fails the stage with one line; what the
+    earlier stages wrote (the student, its evaluation) stays valid, and nothing half-written is left."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the exporter's own failure, whatever it is
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise InputError(
+            f"the {form} exporter cannot export {arch}: {type(err).__name__}: {first} "
+            "(the student and its evaluation are unaffected; -v for the traceback)"
+        ) from err

@@ -7,6 +7,7 @@ Outputs the pruned model (arch + per-layer widths + state dict) and a report of 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "flops_target": params.prune.flops_target if params.prune.budget in FLOPS_BUDGETS else None,
         "sensitivity_trace": probe.trace or None,
         "layers": names,
+        "layer_discovery": [asdict(d) for d in model.discovered()],  # every conv: prunable or why not
         "widths_before": widths_before,
         "widths_after": model.prunable_widths(),
         "removed_channels": removals,
