@@ -307,4 +307,5 @@ def describe(found: list[Discovered]) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     pruned = sum(d.status == PRUNABLE for d in found)
-    return "\n".join([*lines, f"{pruned} prunable of {len(found)} convs"])
+    convs = len(found) + sum(len(d.followers) for d in found)
+    return "\n".join([*lines, f"{pruned} prunable of {len(found)} channel groups ({convs} convs)"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from components.stages import USER_MODELS
 from tests.conftest import REPO
 
 DOCKERFILE = REPO / "components" / "Dockerfile"
@@ -81,7 +82,7 @@ def test_copies_exactly_the_packages_and_runs_as_non_root(instructions, pyprojec
             assert kw == "COPY", "ADD can fetch URLs and unpack archives: use COPY"
             copied.update(args.split()[:-1])
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert copied == {"pyproject.toml", "README.md"} | packages
+    assert copied == {"pyproject.toml", "README.md", USER_MODELS} | packages  # + the user's model code
     users = [args for kw, args in instructions if kw == "USER"]
     assert users and users[-1] not in ("0", "root") and users[-1].split(":")[0].isdigit()
     last_user = max(i for i, (kw, _) in enumerate(instructions) if kw == "USER")
@@ -96,4 +97,4 @@ def test_no_secret_enters_the_image(instructions):
     rules = [line for line in ignore if line and not line.startswith("#")]
     assert rules[0] == "**", ".dockerignore starts by excluding everything"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "cdc", "components", "pipeline", "tools"}
+    assert allowed == {"pyproject.toml", "README.md", "cdc", "components", "pipeline", "tools", USER_MODELS}

@@ -220,7 +220,7 @@ def test_cdc_inspect_prints_the_discovered_layers(tmp_path: Path):
     assert lines[0] == "torchvision.models:efficientnet_b0 on 3x224x224 images, 1000 classes"
     assert any(line.startswith("features.2.0.block.0.0") and " prunable " in line for line in lines)
     assert any(line.startswith("features.0.0") and "stem" in line for line in lines)
-    assert "prunable of 49 convs" in proc.stdout
+    assert "33 prunable of 49 channel groups (81 convs)" in proc.stdout
 
 
 def test_a_reloaded_model_file_keeps_the_layer_patterns(tmp_path: Path):
