@@ -29,6 +29,7 @@ from cdc.errors import InputError
 from cdc.flops import count_macs
 from cdc.io import load_model, save_model
 from cdc.models import Imported, build_model, hook_layer
+from cdc.params import model_layout, validate_params
 from cdc.pruning import prune_channels
 from tests.workspace import run_here
 
@@ -230,3 +231,33 @@ def test_a_reloaded_model_file_keeps_the_layer_patterns(tmp_path: Path):
     again, record = load_model(tmp_path / "m.pt")
     assert record["imported"]["exclude"] == ["layer4.*"]
     assert [layer.name for layer in again.prunable_layers()][-1] == "layer3.1.conv1"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"train_teacher": {"arch": ":build"}}, "expected a registered name or package.module:factory"),
+        ({"train_teacher": {"arch_kwargs": {"width": 2}}}, "for a package.module:factory arch only"),
+        ({"train_teacher": {"layers_exclude": ["stem*"]}}, "for a package.module:factory arch only"),
+        ({"train_teacher": {"epochs": 0}}, "set train_teacher.init_checkpoint"),
+        ({"data": {"normalization": {"mean": [0.5], "std": [0.5, 0.2]}}}, "one value per channel"),
+        ({"train_teacher": {"arch": "torchvision.models:resnet18"}}, "does not run on 1x28x28 images"),
+    ],
+)
+def test_params_of_an_imported_model_are_checked_up_front(raw: dict, message: str):
+    with pytest.raises(InputError, match=message):
+        validate_params(raw, "params.yaml")
+
+
+def test_an_imported_model_validates_against_the_dataset_shape():
+    params = validate_params(
+        {
+            "data": {"dataset": "cifar10"},
+            "train_teacher": {"arch": "torchvision.models:mobilenet_v3_small", "layers_exclude": ["*.fc1"]},
+            "fit_dca": {"layer": "features.4"},
+        },
+        "params.yaml",
+    )
+    layout = model_layout(params)
+    assert layout.prunable_layers()[0].name == "features.1.block.2.0"
+    assert all(not layer.name.endswith("fc1") for layer in layout.prunable_layers())

@@ -25,6 +25,7 @@ from components.checkpoint import Checkpoints, fingerprint
 from components.epochs import EpochLoop
 from components.history import record_epoch, write_history
 from components.runtime import parallel, stage_runtime
+from components.stages import USER_MODELS
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,12 @@ def run(
         fresh = load_initial_weights(model, p.init_checkpoint)
         tracker.set_tags({"cdc.init_checkpoint.md5": file_md5(Path(p.init_checkpoint))})
         log.info("initial weights from %s%s", p.init_checkpoint, f"; new head {fresh}" if fresh else "")
+        if not Path(p.init_checkpoint).resolve().is_relative_to(Path(USER_MODELS).resolve()):
+            log.warning(
+                "%s is outside %s/, which dvc.yaml tracks: a new checkpoint there reruns nothing",
+                p.init_checkpoint,
+                USER_MODELS,
+            )
         if fresh and p.epochs == 0:
             raise InputError(
                 f"{p.init_checkpoint}: its classifier ({fresh}) does not fit the {data.num_classes} classes "
