@@ -18,6 +18,7 @@ more than once per forward. The stem (the conv reading the image) and the convs 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,11 +171,18 @@ def _is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
+Plan = list[tuple[str, Callable]]  # (module path, Torch-Pruning handler) of every layer a group touches
+
+
 def _group_reason(
     graph: tp.DependencyGraph, conv: nn.Conv2d, names: dict[nn.Module, str]
-) -> tuple[str, str, list[str]]:
-    """(status, detail, follower convs) of the pruning group of `conv`'s output channels."""
+) -> tuple[str, str, list[str], Plan | None]:
+    """(status, detail, follower convs, surgery plan) of the pruning group of `conv`'s output channels.
+    The plan applies the group's handlers to the same channel indices in every layer, so it exists only
+    where the group maps indices one to one (not through a flatten into a Linear)."""
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
+    one_to_one = all(list(idxs) == [0] for _, idxs in group)
+    plan = [(names[d.target.module], d.handler) for d, _ in group if d.target.module in names]
     followers, linears, adds, concats, grouped = [], [], 0, 0, []
     for dep, _ in group:
         module, handler = dep.target.module, getattr(dep.handler, "__name__", "")
@@ -190,17 +198,18 @@ def _group_reason(
             adds += "AddBackward" in fn or "SubBackward" in fn
         elif isinstance(module, tp.ops._ConcatOp | tp.ops._SplitOp):
             concats += 1
+    plan_if = plan if one_to_one else None
     if conv.groups > 1 and not _is_depthwise(conv):
-        return GROUPED, f"groups={conv.groups}", []
+        return GROUPED, f"groups={conv.groups}", [], None
     if grouped:
-        return GROUPED, f"feeds {grouped[0]}", []
+        return GROUPED, f"feeds {grouped[0]}", [], None
     if adds:
-        return RESIDUAL, f"an addition shares its channels with {len(followers)} other conv(s)", []
+        return RESIDUAL, f"an addition shares its channels with {len(followers)} other conv(s)", [], None
     if concats:
-        return CONCAT, "channels concatenated with other layers'", []
+        return CONCAT, "channels concatenated with other layers'", [], None
     if linears:
-        return CLASSIFIER_INPUT, f"feeds {linears[0]}", followers
-    return PRUNABLE, "", followers
+        return CLASSIFIER_INPUT, f"feeds {linears[0]}", followers, plan_if
+    return PRUNABLE, "", followers, plan_if
 
 
 def discover(
@@ -208,9 +217,12 @@ def discover(
     example: torch.Tensor,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
+    plans: dict[str, Plan] | None = None,
 ) -> list[Discovered]:
     """Every conv of `model` in forward order, each with its status; `include`/`exclude` are module-name
-    patterns (fnmatch) that narrow the prunable ones or name a stem/classifier input to prune anyway."""
+    patterns (fnmatch) that narrow the prunable ones or name a stem/classifier input to prune anyway.
+    `plans` receives each eligible group's surgery plan (where it maps channels one to one): a copy of
+    the model is narrowed with it without tracing the graph again."""
     was_training = model.training
     model.eval()
     try:
@@ -232,11 +244,14 @@ def discover(
         conv = call.module
         claimed.add(call.path)
         if len(runs[id(conv)]) > 1:
-            status, detail, followers = REUSED, f"runs {len(runs[id(conv)])} times per forward", []
+            runs_per_forward = f"runs {len(runs[id(conv)])} times per forward"
+            status, detail, followers, plan = REUSED, runs_per_forward, [], None
         else:
-            status, detail, followers = _group_reason(graph, conv, names)
+            status, detail, followers, plan = _group_reason(graph, conv, names)
             if status == PRUNABLE and input_id in call.inputs:
                 status, detail = STEM, "reads the input image"
+        if plans is not None and plan is not None:
+            plans[call.path] = plan
         claimed.update(followers)
         norm, hooked, tensor_call, function = None, CONV_OUTPUT, (i, call), None
         nxt = _consumer(calls, i, call.output)

@@ -9,6 +9,7 @@ imported one also from its factory's keyword arguments and layer patterns, saved
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -375,6 +376,7 @@ class ImportedNet(PrunableNet):
 
     _discovered: list  # cdc.discovery.Discovered, every conv in forward order
     _imported: Imported  # how it was built: saved with it (cdc.io.save_model)
+    _plans: dict  # prunable layer -> the Torch-Pruning handlers of its group (cdc.discovery.Plan)
 
     def prunable_layers(self) -> list[PrunableLayer]:
         from cdc.discovery import PRUNABLE
@@ -425,8 +427,43 @@ def build_imported(
     """Build `arch` by its factory (with `num_classes` where the factory takes it), check that it maps
     an `in_channels` image of `imported.image_size` to `num_classes` logits, discover its prunable
     layers, and narrow them to `widths`."""
-    from cdc.discovery import PRUNABLE, discover
+    from cdc.discovery import PRUNABLE
     from cdc.pruning import prune_channels
+
+    key = (arch, num_classes, in_channels, repr(sorted(imported.record().items())))
+    if widths is not None and key in _FULL_MODELS:  # a pruned shape: the weights get overwritten
+        net = copy.deepcopy(_FULL_MODELS[key])
+    else:
+        net = _build_full(arch, num_classes, in_channels, imported)
+        if widths is not None:
+            _FULL_MODELS[key] = copy.deepcopy(net)
+    prunable = [d for d in net._discovered if d.status == PRUNABLE]
+    if widths is not None:
+        fits = len(widths) == len(prunable) and all(
+            1 <= int(w) <= d.width for w, d in zip(widths, prunable, strict=True)
+        )
+        if not fits:
+            raise InputError(
+                f"{arch}: expected {len(prunable)} widths, each between 1 and the layer's "
+                f"{[d.width for d in prunable]}, got {widths}"
+            )
+        removals = {d.name: list(range(int(w), d.width)) for d, w in zip(prunable, widths, strict=True)}
+        if all(name in net._plans for name, idxs in removals.items() if idxs):
+            for name, idxs in removals.items():  # the recorded surgery: no second trace of the graph
+                for path, handler in net._plans[name] if idxs else []:
+                    handler(net.get_submodule(path), idxs)
+        else:
+            prune_channels(net, removals, (in_channels, *imported.image_size))
+    return net
+
+
+# Full-width models already built and discovered, by how they were built: a pruned shape (a model file
+# being loaded, each candidate of a FLOPs budget) starts from a copy instead of the factory and a trace.
+_FULL_MODELS: dict[tuple, ImportedNet] = {}
+
+
+def _build_full(arch: str, num_classes: int, in_channels: int, imported: Imported) -> ImportedNet:
+    from cdc.discovery import discover
 
     factory = load_factory(arch)
     kwargs = dict(imported.kwargs)
@@ -457,18 +494,8 @@ def build_imported(
             f"architecture {arch!r} gives outputs of shape {shape}, expected (batch, {num_classes}) logits "
             "for the dataset's classes (pass num_classes through train_teacher.arch_kwargs?)"
         )
-    found = discover(model, example[:1], imported.include, imported.exclude)
+    plans: dict = {}
+    found = discover(model, example[:1], imported.include, imported.exclude, plans)
     net = _adopt(model.train(), imported, found)
-    prunable = [d for d in found if d.status == PRUNABLE]
-    if widths is not None:
-        fits = len(widths) == len(prunable) and all(
-            1 <= int(w) <= d.width for w, d in zip(widths, prunable, strict=True)
-        )
-        if not fits:
-            raise InputError(
-                f"{arch}: expected {len(prunable)} widths, each between 1 and the layer's "
-                f"{[d.width for d in prunable]}, got {widths}"
-            )
-        removals = {d.name: list(range(int(w), d.width)) for d, w in zip(prunable, widths, strict=True)}
-        prune_channels(net, removals, (in_channels, *imported.image_size))
+    net._plans = plans
     return net

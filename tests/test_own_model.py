@@ -5,6 +5,7 @@ hooks on the tensor that follows each conv."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from cdc.criteria import CRITERIA, taylor_scores, weight_scores
 from cdc.discovery import (
     ACTIVATION,
     CONV_OUTPUT,
@@ -26,11 +28,13 @@ from cdc.discovery import (
     discover,
 )
 from cdc.errors import InputError
-from cdc.flops import count_macs
+from cdc.flops import count_macs, count_macs_of
 from cdc.io import load_model, save_model
 from cdc.models import Imported, build_model, hook_layer
-from cdc.params import model_layout, validate_params
-from cdc.pruning import prune_channels
+from cdc.params import PruneParams, model_layout, validate_params
+from cdc.pruning import BudgetProbe, keep_counts, prune_channels, silencing_probe
+from cdc.scoring import score_layers
+from cdc.stats import collect_all_stats
 from tests.workspace import run_here
 
 FOREIGN = [
@@ -261,3 +265,57 @@ def test_an_imported_model_validates_against_the_dataset_shape():
     layout = model_layout(params)
     assert layout.prunable_layers()[0].name == "features.1.block.2.0"
     assert all(not layer.name.endswith("fc1") for layer in layout.prunable_layers())
+
+
+@pytest.mark.parametrize("arch", ["torchvision.models:mobilenet_v3_small", "timm.models.resnet:resnet18"])
+def test_every_criterion_and_budget_runs_on_a_foreign_model(arch: str):
+    """Statistics on the discovered tensors, every criterion (bn_gamma refuses a layer without a BN, by
+    name), and every budget, the flops_target one with the silencing probe, on a model cdc never saw."""
+    torch.manual_seed(0)
+    model = build_model(arch, 4, 3, imported=IMPORTED).eval()
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, *SHAPE, generator=g), torch.arange(16) % 4) for _ in range(2)]
+    stats, grid = collect_all_stats(model, batches, 4, grid=2)
+    assert list(stats) == names and [s.s1.shape[1] for s in stats.values()] == widths
+    blocks = {layer: block for block, layers in model.layer_blocks().items() for layer in layers}
+    fine_to_coarse = np.array([0, 0, 1, 1])
+    scores: dict[str, list[np.ndarray]] = {}
+    for criterion in CRITERIA.values():
+        if criterion.source in ("stats", "grid"):
+            by = stats if criterion.source == "stats" else grid
+            scored = score_layers(by, criterion.name, fine_to_coarse, 2, 0, None, blocks)
+            scores[criterion.name] = [s.scores for s in scored]
+        elif criterion.name == "taylor":
+            scores["taylor"] = list(taylor_scores(model, batches, 2).values())
+        elif criterion.name == "bn_gamma" and any(layer.norm is None for layer in model.prunable_layers()):
+            with pytest.raises(InputError, match="has no BatchNorm"):
+                weight_scores("bn_gamma", model, SHAPE)
+            continue
+        else:
+            scores[criterion.name] = list(weight_scores(criterion.name, model, SHAPE).values())
+        assert [len(s) for s in scores[criterion.name]] == widths, criterion.name
+        assert all(np.isfinite(s).all() for s in scores[criterion.name]), criterion.name
+
+    @functools.cache
+    def count(w: tuple[int, ...]) -> int:
+        return count_macs_of(lambda: build_model(arch, 4, 3, list(w), imported=IMPORTED), SHAPE)
+
+    def flops(w: list[int]) -> int:
+        return count(tuple(w))
+
+    symdiv = scores["symdiv"]
+    budgets = {
+        "uniform": ({"ratio": 0.5}, None),
+        "per_layer": ({"ratios": [0.25] * len(widths)}, None),
+        "global": ({"flops_target": 0.8}, BudgetProbe(flops, symdiv)),
+        "flops_target": (
+            {"flops_target": 0.95, "sensitivity_step": 0.05},  # one round of probes
+            silencing_probe(model, symdiv, batches, flops),
+        ),
+    }
+    for budget, (extra, probe) in budgets.items():
+        keep = keep_counts(budget, names, widths, PruneParams().model_dump() | extra, probe)
+        assert all(1 <= k <= w for k, w in zip(keep, widths, strict=True)), budget
+        if budget in ("global", "flops_target"):
+            assert flops(keep) <= extra["flops_target"] * flops(widths) * 1.02, budget

@@ -15,7 +15,7 @@ import numpy as np
 
 from cdc.data import load_prepared, stratified_subset
 from cdc.errors import InputError
-from cdc.flops import count_macs, count_params
+from cdc.flops import count_macs, count_macs_of, count_params
 from cdc.io import build_like, load_model, read_json, save_model, write_json
 from cdc.models import PrunableNet
 from cdc.params import Params
@@ -49,6 +49,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump(), probe)
     removals = {name: channels_to_remove(s, k) for name, s, k in zip(names, layer_scores, keep, strict=True)}
     before = {"flops": count_macs(model, input_shape), "params": count_params(model)}
+    discovery = [asdict(d) for d in model.discovered()]  # the teacher's layers, before the cut
     prune_channels(model, removals, input_shape)
     after = {"flops": count_macs(model, input_shape), "params": count_params(model)}
     save_model(outputs["model"], model, record["arch"], record["num_classes"], record["in_channels"])
@@ -58,7 +59,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "flops_target": params.prune.flops_target if params.prune.budget in FLOPS_BUDGETS else None,
         "sensitivity_trace": probe.trace or None,
         "layers": names,
-        "layer_discovery": [asdict(d) for d in model.discovered()],  # every conv: prunable or why not
+        "layer_discovery": discovery,  # every conv (an imported arch): prunable, or why it is left whole
         "widths_before": widths_before,
         "widths_after": model.prunable_widths(),
         "removed_channels": removals,
@@ -94,7 +95,7 @@ def budget_probe(
 
     @cache
     def flops(widths: tuple[int, ...]) -> int:
-        return count_macs(build_like(record, list(widths)), input_shape)
+        return count_macs_of(lambda: build_like(record, list(widths)), input_shape)
 
     if params.prune.budget != "flops_target":
         return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)
