@@ -20,7 +20,7 @@ from cdc.device import float_platform
 from cdc.inference import load_torchscript, onnx_session
 from cdc.io import load_model
 from cdc.params import Params
-from components.stages import STAGE_BY_NAME, STAGES
+from components.stages import STAGE_BY_NAME, STAGES, USER_MODELS
 from components.tracking import md5
 from tests.conftest import TINY, copy_workspace, run_ok
 from tests.workspace import run_here
@@ -161,7 +161,10 @@ def test_show_traces_the_registered_student_back_to_the_raw_data(audited):
     trace = json.loads(proc.stdout)
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
     assert [s["stage"] for s in trace["stages"]] == [n for n in STAGE_NAMES if n != "evaluate"]
-    assert trace["sources"] == {"data/raw": lineage.deps(lock["prepare"])["data/raw"]}
+    assert trace["sources"] == {  # the raw data, and the user's model folder (models/: code, checkpoints)
+        "data/raw": lineage.deps(lock["prepare"])["data/raw"],
+        USER_MODELS: lineage.deps(lock["train_teacher"])[USER_MODELS],
+    }
     for record in trace["stages"]:
         assert record["run_id"] and record["commit"].startswith(head(ws)), record["stage"]
         assert record["platform"] == float_platform()  # this machine, this kernel path

@@ -29,12 +29,14 @@ from cdc.discovery import (
 )
 from cdc.errors import InputError
 from cdc.flops import count_macs, count_macs_of
-from cdc.io import load_model, save_model
+from cdc.inference import export_onnx
+from cdc.io import atomic_path, load_model, save_model
 from cdc.models import Imported, build_model, hook_layer
 from cdc.params import PruneParams, model_layout, validate_params
 from cdc.pruning import BudgetProbe, keep_counts, prune_channels, silencing_probe
 from cdc.scoring import score_layers
 from cdc.stats import collect_all_stats
+from components.stages.export import exporting
 from tests.workspace import run_here
 
 FOREIGN = [
@@ -319,3 +321,24 @@ def test_every_criterion_and_budget_runs_on_a_foreign_model(arch: str):
         assert all(1 <= k <= w for k, w in zip(keep, widths, strict=True)), budget
         if budget in ("global", "flops_target"):
             assert flops(keep) <= extra["flops_target"] * flops(widths) * 1.02, budget
+
+
+def test_a_model_the_onnx_exporter_cannot_handle_fails_export_in_one_line(tmp_path: Path):
+    """A forward that branches on its values cannot be exported by torch.export: the stage's error names
+    the exporter and the architecture in one line, and no half-written file is left behind."""
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y.mean((2, 3)) if y.sum() > 0 else y.amax((2, 3))
+
+    target = tmp_path / "student.onnx"
+    raises = pytest.raises(InputError, match="the ONNX exporter cannot export models.odd:build")
+    with raises as failure, atomic_path(target) as tmp, exporting("ONNX", "models.odd:build"):
+        export_onnx(Branches(), torch.zeros(2, 3, 8, 8), tmp)
+    assert list(tmp_path.iterdir()) == []
+    assert "\n" not in str(failure.value) and "\x1b" not in str(failure.value)

@@ -15,6 +15,7 @@ import yaml
 from torch import nn
 
 from cdc.discovery import FUNCTION, PRUNABLE, discover
+from cdc.stats_table import read_stats
 from tests.workspace import run_ok
 
 pytestmark = pytest.mark.e2e
@@ -124,6 +125,15 @@ def test_a_user_model_file_and_checkpoint_go_through_dvc_repro_without_teacher_t
     assert evaluation["student"]["flops"] < evaluation["teacher"]["flops"]
     export = json.loads((ws / "data/export/report.json").read_text())
     assert export["checks"]["onnx"]["same_class"] == 1.0
+
+    # the statistics of two torchrun processes are those of one, on the discovered tensors
+    outs = ["--stats", "s2.parquet", "--grid", "g2.parquet", "--confusion", "c2.json"]
+    run_ok(["cdc", "dump_stats", "--nproc", "2", *outs], ws, env)
+    one, two = read_stats(ws / "data/stats/stats.parquet"), read_stats(ws / "s2.parquet")
+    assert list(one) == list(two) == report["layers"]
+    for name in one:
+        assert np.array_equal(one[name].n, two[name].n)
+        np.testing.assert_allclose(two[name].s2, one[name].s2, rtol=1e-10)
 
     # another checkpoint under the same name: DVC reruns from the teacher
     run_ok(["git", "add", "-A"], ws, env)

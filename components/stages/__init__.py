@@ -76,7 +76,8 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "train_teacher",
-        "Train the full network with SGD, validating every epoch; a rerun resumes from the last checkpoint.",
+        "Train the full network with SGD, validating every epoch; a rerun resumes from the last checkpoint. "
+        "With train_teacher.epochs 0, init_checkpoint is the teacher as it is (measured, not trained).",
         inputs={"prepared": PREPARED},
         outputs={
             "model": TEACHER,

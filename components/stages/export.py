@@ -13,6 +13,7 @@ The report holds only what the inputs determine (no registry version, no times):
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,7 +115,8 @@ def exporting(form: str, arch: str) -> Iterator[None]:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - the exporter's own failure, whatever it is
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # the exporter colours its messages
+        first = text.splitlines()[0][:300] if text else ""
         raise InputError(
             f"the {form} exporter cannot export {arch}: {type(err).__name__}: {first} "
             "(the student and its evaluation are unaffected; -v for the traceback)"
