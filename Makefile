@@ -74,10 +74,14 @@ dvc-yaml: $(BIN)/cdc  ## regenerate dvc.yaml from components/stages/__init__.py
 compile: $(BIN)/cdc  ## write pipeline/cdc_pipeline.yaml (Kubeflow) for the image IMAGE (default cdc:$(VERSION))
 	$(BIN)/cdc kfp compile --image $(IMAGE)
 
-image:  ## build components/Dockerfile as IMAGE=registry/name:tag and push it (needs a container engine)
+image:  ## build components/Dockerfile as IMAGE=registry/name:tag, push it and print its digest (needs a container engine)
 	@docker info >/dev/null 2>&1 || { echo "make image needs a running Docker engine (none here)"; exit 1; }
 	docker build -f components/Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $(IMAGE) .
-	@case "$(IMAGE)" in */*) docker push $(IMAGE);; *) echo "IMAGE=$(IMAGE) names no registry: not pushed";; esac
+	@case "$(IMAGE)" in \
+	  */*) docker push $(IMAGE) && \
+	       echo "pushed $$(docker inspect --format '{{index .RepoDigests 0}}' $(IMAGE))  (compile with --image <that>)";; \
+	  *) echo "IMAGE=$(IMAGE) names no registry: not pushed";; \
+	esac
 
 ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -222,6 +222,9 @@ class Prepared:
 META_KEYS = ("classes", "input_shape", "mean", "std")
 SPLITS = ("train", "val", "test")
 FILES_TABLE = "files.parquet"  # file-backed splits: file (relative to meta["root"]), label, split, md5
+# a file-backed dataset whose images were copied inside it (`cdc prepare --embed-files`): meta[EMBEDDED]
+# is true and the files lie under <prepared>/EMBEDDED_DIR instead of meta["root"]
+EMBEDDED, EMBEDDED_DIR = "files_embedded", "files"
 
 
 def load_prepared(root: Path, workers: int = 2) -> Prepared:
@@ -266,7 +269,7 @@ def _file_splits(root: Path, meta: dict) -> dict[str, FileSplit]:
     table_path = root / FILES_TABLE
     with reading(table_path, "list of image files"):
         table = pq.read_table(table_path, columns=["file", "label", "split"]).to_pydict()
-    images = Path(meta["root"])
+    images = root / EMBEDDED_DIR if meta.get(EMBEDDED) else Path(meta["root"])
     absent = [f for f in table["file"] if not (images / f).is_file()]
     if absent:
         raise InputError(

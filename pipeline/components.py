@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from cdc.params import Params
 from components.stages import RAW, STAGES, Stage
-from pipeline.entry import TRACKING_INPUTS
+from pipeline.entry import CHECKPOINT_ROOT_INPUT, TRACKING_INPUTS
 
 # stage-list artifact kind -> KFP artifact class
 ARTIFACT_TYPES: dict[str, type[dsl.Artifact]] = {
@@ -56,23 +56,51 @@ def component_source(stage: Stage) -> str:
     args += [f"{n}: Output[{ARTIFACT_TYPES[k].__name__}]" for n, k in stage.kinds.items()]
     args += [f"{section}: {section_type(section)}" for section in stage.params]
     args += [f'{name}: str = ""' for name in TRACKING_INPUTS]
+    if stage.persist:  # resume checkpoints mirrored to durable storage (pipeline/entry.py)
+        args.append(f'{CHECKPOINT_ROOT_INPUT}: str = ""')
+    return _function_source(stage.name, args, stage.help, f"run_component({stage.name!r}, arguments)")
+
+
+def _function_source(name: str, args: list[str], doc: str, call: str) -> str:
     signature = "".join(f"    {a},\n" for a in args)
+    function = call.partition("(")[0]
     return (
-        f"def {stage.name}(\n{signature}):\n"
-        f'    """{stage.help}"""\n'
+        f"def {name}(\n{signature}):\n"
+        f'    """{doc}"""\n'
         "    arguments = dict(locals())\n"
-        "    from pipeline.entry import run_component\n\n"
-        f"    run_component({stage.name!r}, arguments)\n"
+        f"    from pipeline.entry import {function}\n\n"
+        f"    {call}\n"
     )
+
+
+def _component(name: str, source: str, image: str) -> python_component.PythonComponent:
+    filename = f"<cdc kfp component {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {"__name__": __name__, "Input": dsl.Input, "Output": dsl.Output, "dsl": dsl}
+    namespace.update({cls.__name__: cls for cls in ARTIFACT_TYPES.values()})
+    # dont_inherit: real annotations, not the strings this module's `from __future__` would make them
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+    return dsl.component(namespace[name], base_image=image, install_kfp_package=False)
 
 
 def build_component(stage: Stage, image: str) -> python_component.PythonComponent:
     """The lightweight component of `stage`, running in `image` (which has the project installed)."""
-    source = component_source(stage)
-    filename = f"<cdc kfp component {stage.name}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace: dict = {"__name__": __name__, "Input": dsl.Input, "Output": dsl.Output}
-    namespace.update({cls.__name__: cls for cls in ARTIFACT_TYPES.values()})
-    # dont_inherit: real annotations, not the strings this module's `from __future__` would make them
-    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
-    return dsl.component(namespace[stage.name], base_image=image, install_kfp_package=False)
+    return _component(stage.name, component_source(stage), image)
+
+
+def check_raw_uri_component(image: str) -> python_component.PythonComponent:
+    """The first task: stops a run whose `raw_uri` is empty or not a URI, naming the parameter (the
+    importer after it would fail with the backend's own, obscure message)."""
+    source = _function_source(
+        "check_raw_uri", ["raw_uri: str"], "Check the raw_uri pipeline parameter.", "check_raw_uri(raw_uri)"
+    )
+    return _component("check_raw_uri", source, image)
+
+
+def close_run_component(image: str) -> python_component.PythonComponent:
+    """The exit task: closes the MLflow pipeline run with the run's final status, whatever happened."""
+    args = ["status: dsl.PipelineTaskFinalStatus", *(f'{name}: str = ""' for name in TRACKING_INPUTS)]
+    source = _function_source(
+        "close_mlflow_run", args, "Close the MLflow pipeline run.", "close_pipeline_run(status, arguments)"
+    )
+    return _component("close_mlflow_run", source, image)

@@ -2,9 +2,12 @@
 
 An input of a stage is connected to the task whose output has the same default path, exactly as
 `dvc.yaml` connects a dependency to the stage that declares it as an output; the raw data enters
-through an importer from `raw_uri`. Pipeline parameters: one per params.yaml section (defaults from
-the params file at compile time, overridable per run), the raw data URI, the MLflow settings, the
-GPU count and the name of the Kubernetes secret with S3 credentials.
+through an importer from `raw_uri`, after a check that it was given. Pipeline parameters: one per
+params.yaml section (defaults from the params file at compile time, overridable per run), the raw data
+URI, the MLflow settings, the durable checkpoint root and the name of the Kubernetes secret with S3
+credentials. How the pods are placed and sized (GPUs, tolerations, node selectors, /dev/shm, timeouts,
+image) is fixed at compile time (`PodSettings`): requests and limits are computed from the GPU count.
+Every task runs inside a `dsl.ExitHandler` whose exit task closes the MLflow pipeline run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ast
 import inspect
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +23,76 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import base_component
 
 from cdc.params import Params, load_params
-from components.stages import RAW, STAGES
-from pipeline.components import build_component, section_type
+from components.stages import RAW, STAGES, Stage
+from pipeline.components import build_component, check_raw_uri_component, close_run_component, section_type
 from pipeline.defaults import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
-from pipeline.entry import POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
+from pipeline.entry import CHECKPOINT_ROOT_INPUT, POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
 
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+SHM_VOLUME = "dshm"
 
 
-# Requests per task: model-running stages get a GPU (count: the `gpu_count` parameter), the rest CPU.
-RESOURCES = {True: {"cpu": "4", "memory": "16G"}, False: {"cpu": "1", "memory": "4G"}}
-RETRIES = {"num_retries": 2, "backoff_duration": "60s", "backoff_factor": 2.0}
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    effect: str  # NoSchedule, PreferNoSchedule or NoExecute
+    value: str | None = None  # None: operator Exists
+
+    @classmethod
+    def parse(cls, text: str) -> Toleration:
+        """`KEY[=VALUE]:EFFECT`, as `kubectl taint` writes a taint."""
+        spec, _, effect = text.rpartition(":")
+        key, _, value = spec.partition("=")
+        if not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise ValueError(
+                f"toleration {text!r}: give KEY[=VALUE]:EFFECT with EFFECT one of NoSchedule, "
+                "PreferNoSchedule, NoExecute"
+            )
+        return cls(key, effect, value or None)
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Where and how big the pods are: fixed when the spec is compiled (`cdc kfp compile` options).
+
+    A stage that runs as several processes (torchrun) gets `gpus` GPUs and `cpu_per_gpu`/`memory_gb_per_gpu`
+    times as many CPUs and GiB; a one-process model stage gets one GPU's worth; the others `cpu_task`.
+    Requests equal limits (Guaranteed QoS: the last pods a node evicts); the memory limit includes the
+    memory-backed /dev/shm (`shm_gb`), which Kubernetes counts against it. Tolerations and node selectors
+    apply to the GPU tasks only, so that the CPU tasks stay off the GPU pool.
+    """
+
+    image: str = DEFAULT_IMAGE
+    gpus: int = 1
+    accelerator: str = GPU_RESOURCE
+    tolerations: tuple[Toleration, ...] = ()
+    node_selector: tuple[tuple[str, str], ...] = ()
+    cpu_per_gpu: int = 4
+    memory_gb_per_gpu: int = 16
+    shm_gb: int = 8
+    cpu_task: tuple[int, int] = (1, 4)  # (CPUs, GiB) of a task that runs no model
+    gpu_timeout_h: float = 48.0
+    cpu_timeout_h: float = 6.0
+    image_pull_secret: str | None = None
+    # a failed task (an evicted or preempted pod too) is retried; its checkpoints let it resume
+    retries: int = 2
+    retry_backoff_s: int = 60  # doubling
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ValueError(f"gpus {self.gpus}: a model task needs at least one")
+
+    def gpus_of(self, stage: Stage) -> int:
+        """GPUs of `stage`'s task: `gpus` for a multi-process stage, one for the other model stages."""
+        return (self.gpus if stage.distributed else 1) if stage.runs_model else 0
 
 
 def pipeline_parameters(params: Params) -> list[inspect.Parameter]:
     """The pipeline's parameters, in order, with their defaults."""
     kw = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    out = [inspect.Parameter("raw_uri", kw, annotation=str, default=RAW)]
+    # no default: a run started from the UI without it stops at the first task, naming raw_uri
+    out = [inspect.Parameter("raw_uri", kw, annotation=str, default="")]
     for section in Params.model_fields:
         value = getattr(params, section)
         # KFP structs cannot hold null: a null key is left out and the schema fills in its default
@@ -45,30 +101,43 @@ def pipeline_parameters(params: Params) -> list[inspect.Parameter]:
         out.append(inspect.Parameter(section, kw, annotation=annotation, default=default))
     out += [inspect.Parameter(name, kw, annotation=str, default="") for name in TRACKING_INPUTS]
     out += [
-        inspect.Parameter("gpu_count", kw, annotation=int, default=1),
+        inspect.Parameter(CHECKPOINT_ROOT_INPUT, kw, annotation=str, default=""),
         inspect.Parameter("s3_credentials_secret", kw, annotation=str, default="cdc-s3-credentials"),
     ]
     return out
 
 
-def build_pipeline(params: Params | None = None, image: str = DEFAULT_IMAGE) -> base_component.BaseComponent:
+def build_pipeline(
+    params: Params | None = None, pods: PodSettings | None = None
+) -> base_component.BaseComponent:
     """The pipeline with `params` (default: the schema's, equal to the committed params.yaml) as defaults."""
-    params = params or Params()
-    component_of = {stage.name: build_component(stage, image) for stage in STAGES}
+    params, pods = params or Params(), pods or PodSettings()
+    component_of = {stage.name: build_component(stage, pods.image) for stage in STAGES}
+    check_raw_uri, close_run = check_raw_uri_component(pods.image), close_run_component(pods.image)
     signature = inspect.Signature(pipeline_parameters(params))
 
     def cdc_pipeline(*channels: Any) -> None:
         arg = dict(zip(signature.parameters, channels, strict=True))
-        raw = dsl.importer(artifact_uri=arg["raw_uri"], artifact_class=dsl.Dataset, reimport=False)
-        raw.set_display_name("raw data")
-        produced = {RAW: raw.output}
-        for stage in STAGES:
-            kwargs = {name: produced[path] for name, path in stage.inputs.items()}
-            kwargs.update({section: arg[section] for section in stage.params})
-            kwargs.update({name: arg[name] for name in TRACKING_INPUTS})
-            task = component_of[stage.name](**kwargs)
-            configure_task(task, stage.runs_model, arg["gpu_count"], arg["s3_credentials_secret"])
-            produced.update({path: task.outputs[name] for name, path in stage.outputs.items()})
+        tracking = {name: arg[name] for name in TRACKING_INPUTS}
+        exit_task = close_run(**tracking)
+        configure_task(exit_task, None, pods, arg["s3_credentials_secret"])
+        exit_task.set_display_name("close MLflow run")
+        with dsl.ExitHandler(exit_task, name="cdc"):
+            check = check_raw_uri(raw_uri=arg["raw_uri"])
+            configure_task(check, None, pods, arg["s3_credentials_secret"])
+            check.set_display_name("check raw_uri")
+            raw = dsl.importer(artifact_uri=arg["raw_uri"], artifact_class=dsl.Dataset, reimport=False)
+            raw.set_display_name("raw data").after(check)
+            produced = {RAW: raw.output}
+            for stage in STAGES:
+                kwargs = {name: produced[path] for name, path in stage.inputs.items()}
+                kwargs.update({section: arg[section] for section in stage.params})
+                kwargs.update(tracking)
+                if stage.persist:
+                    kwargs[CHECKPOINT_ROOT_INPUT] = arg[CHECKPOINT_ROOT_INPUT]
+                task = component_of[stage.name](**kwargs)
+                configure_task(task, stage, pods, arg["s3_credentials_secret"])
+                produced.update({path: task.outputs[name] for name, path in stage.outputs.items()})
 
     cdc_pipeline.__signature__ = signature  # type: ignore[attr-defined]
     cdc_pipeline.__doc__ = (
@@ -79,13 +148,41 @@ def build_pipeline(params: Params | None = None, image: str = DEFAULT_IMAGE) -> 
     return dsl.pipeline(name=PIPELINE_NAME)(cdc_pipeline)
 
 
-def configure_task(task: dsl.PipelineTask, gpu: bool, gpu_count: Any, s3_secret: Any) -> None:
-    """Resources, retries, caching and the environment a task gets on the cluster."""
-    task.set_cpu_request(RESOURCES[gpu]["cpu"]).set_memory_request(RESOURCES[gpu]["memory"])
-    if gpu:
-        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpu_count)
-    task.set_retry(**RETRIES)  # type: ignore[arg-type]
-    task.set_caching_options(True)
+def configure_task(task: dsl.PipelineTask, stage: Stage | None, pods: PodSettings, s3_secret: Any) -> None:
+    """Resources, placement, retries, caching and the environment a task gets on the cluster
+    (`stage` None: a task that runs no stage, the raw_uri check or the exit task: never cached)."""
+    gpus = pods.gpus_of(stage) if stage else 0
+    if gpus:
+        cpu, memory = pods.cpu_per_gpu * gpus, pods.memory_gb_per_gpu * gpus + pods.shm_gb
+        task.set_accelerator_type(pods.accelerator).set_accelerator_limit(gpus)
+        # memory-backed /dev/shm: NCCL and DataLoader workers exchange tensors there (64 MiB by default)
+        kubernetes.empty_dir_mount(
+            task, SHM_VOLUME, "/dev/shm", medium="Memory", size_limit=f"{pods.shm_gb}Gi"
+        )
+        for toleration in pods.tolerations:
+            kubernetes.add_toleration(
+                task,
+                key=toleration.key,
+                operator="Equal" if toleration.value is not None else "Exists",
+                value=toleration.value,
+                effect=toleration.effect,  # type: ignore[arg-type]
+            )
+        for label, value in pods.node_selector:
+            kubernetes.add_node_selector(task, label, value)
+    else:
+        cpu, memory = pods.cpu_task
+    task.set_cpu_request(str(cpu)).set_cpu_limit(str(cpu))
+    task.set_memory_request(f"{memory}Gi").set_memory_limit(f"{memory}Gi")
+    hours = pods.gpu_timeout_h if gpus else pods.cpu_timeout_h
+    kubernetes.set_timeout(task, int(hours * 3600))
+    if pods.image_pull_secret:
+        kubernetes.set_image_pull_secrets(task, [pods.image_pull_secret])
+    if stage is not None:
+        if pods.retries:
+            task.set_retry(pods.retries, f"{pods.retry_backoff_s}s", backoff_factor=2.0)
+        task.set_caching_options(True)
+    else:
+        task.set_caching_options(False)
     # The run id and pod name from the pod's own metadata: not inputs, so the cache keys stay stable.
     kubernetes.use_field_path_as_env(task, RUN_ID_ENV, "metadata.labels['pipeline/runid']")
     kubernetes.use_field_path_as_env(task, POD_NAME_ENV, "metadata.name")
@@ -94,12 +191,12 @@ def configure_task(task: dsl.PipelineTask, gpu: bool, gpu_count: Any, s3_secret:
 
 
 def compile_pipeline(
-    path: Path = COMPILED, params_path: Path | None = None, image: str = DEFAULT_IMAGE
+    path: Path = COMPILED, params_path: Path | None = None, pods: PodSettings | None = None
 ) -> Path:
     """Write the pipeline spec YAML (defaults from `params_path`, or the schema's defaults)."""
     params = load_params(params_path) if params_path else Params()
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(params, image), str(path))
+    compiler.Compiler().compile(build_pipeline(params, pods), str(path))
     path.write_text(_sorted_header_defaults(path.read_text()))
     return path
 

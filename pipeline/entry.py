@@ -3,7 +3,8 @@
 A component's body is one call, `run_component(<stage>, locals())`: its artifacts become the stage's
 input and output paths, its parameters the stage's params sections, and the stage runs through
 `components.runner.execute` exactly as `cdc <stage>` does. The MLflow run of the stage is nested under
-one pipeline run per Kubeflow run, found (or opened by the first task) by the tag `kfp.run_id`.
+one pipeline run per Kubeflow run, found (or opened by the first task) by the tag `kfp.run_id`, and
+closed by the pipeline's exit task (`close_pipeline_run`) with the run's final status.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from cdc.io import read_json
 from cdc.params import Params
+from components.checkpoint import CHECKPOINT_ROOT_ENV
 from components.cli import NPROC_ENV, exit_now, torchrun
 from components.runner import execute
 from components.stages import STAGE_BY_NAME, STAGES, Stage
@@ -36,6 +38,11 @@ TRACKING_ENV = {
     "s3_endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
 }
 TRACKING_INPUTS = tuple(TRACKING_ENV)
+# component parameter of the training stages: where their resume checkpoints are mirrored (durable
+# storage every pod reaches: s3://..., a PVC path), read by components/checkpoint.py from the env
+CHECKPOINT_ROOT_INPUT = "checkpoint_root"
+# MLflow status of the pipeline run from the Kubeflow run's final state (anything else: FAILED)
+FINAL_STATUS = {"SUCCEEDED": "FINISHED", "CANCELED": "KILLED", "CANCELLED": "KILLED", "CANCELING": "KILLED"}
 
 
 def run_component(stage_name: str, args: dict[str, Any]) -> None:
@@ -48,25 +55,22 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
     inputs = {name: Path(args[name].path) for name in stage.inputs}
     outputs = {name: Path(args[name].path) for name in stage.outputs}
     _configure_tracking(args)
+    if args.get(CHECKPOINT_ROOT_INPUT):
+        os.environ[CHECKPOINT_ROOT_ENV] = args[CHECKPOINT_ROOT_INPUT]
+    flags = {"embed_files": True} if "embed_files" in stage.flags else {}
     run_id, task = kfp_identity(stage, outputs)
     tags = {"kfp.run_id": run_id, "kfp.task_name": task}
     if os.environ.get(POD_NAME_ENV):
         tags["kfp.pod_name"] = os.environ[POD_NAME_ENV]
     parent = pipeline_run(run_id)
-    try:
-        nproc = processes_for(stage)
-        if nproc > 1:
-            launch_ranks(stage, params, inputs, outputs, parent, tags, nproc)
-        else:
-            execute(stage, params, inputs, outputs, parent_run_id=parent, tags=tags)
-    except BaseException:
-        _end_pipeline_run(parent, "FAILED")
-        raise
+    nproc = processes_for(stage)
+    if nproc > 1:
+        launch_ranks(stage, params, inputs, outputs, parent, tags, nproc)
+    else:
+        execute(stage, params, inputs, outputs, parent_run_id=parent, tags=tags, **flags)
     for name, kind in stage.kinds.items():
         if kind == "metrics":
             log_kfp_metrics(args[name], read_json(outputs[name]))
-    if stage is STAGES[-1]:
-        _end_pipeline_run(parent, "FINISHED")
     # KFP's executor writes its output file and the process ends: with torch and MLflow loaded, the
     # interpreter's final collections over their million objects take 1-1.5 s (measured); frozen
     # objects are left to the exit (everything this task wrote is closed by now)
@@ -128,6 +132,8 @@ def _configure_tracking(args: dict[str, Any]) -> None:
     for name, env in TRACKING_ENV.items():
         if args.get(name):
             os.environ[env] = args[name]
+    if args.get("s3_endpoint_url"):  # boto3's own variable: the checkpoint mirror (s3fs) reads it too
+        os.environ["AWS_ENDPOINT_URL"] = args["s3_endpoint_url"]
     if os.environ.get(POD_NAME_ENV) and not os.environ.get("MLFLOW_TRACKING_URI"):
         log.warning(
             "no MLflow tracking URI (pipeline parameter mlflow_tracking_uri): this task's MLflow run "
@@ -167,8 +173,41 @@ def pipeline_run(kfp_run_id: str) -> str:
     return run.info.run_id
 
 
-def _end_pipeline_run(run_id: str, status: str) -> None:
-    setup_mlflow().MlflowClient().set_terminated(run_id, status)
+def check_raw_uri(raw_uri: str) -> None:
+    """Stop the run, in one line naming the parameter, when `raw_uri` cannot be imported."""
+    hint = "give the raw dataset's location, e.g. s3://bucket/cdc/raw (cdc kfp submit --raw-uri)"
+    if not raw_uri.strip():
+        raise SystemExit(f"cdc: the pipeline parameter raw_uri is empty: {hint}")
+    if "://" not in raw_uri and not (Path(raw_uri).is_absolute() and Path(raw_uri).exists()):
+        raise SystemExit(
+            f"cdc: the pipeline parameter raw_uri {raw_uri!r} is not a URI (a local path serves kfp.local "
+            f"only, where it must exist): {hint}"
+        )
+
+
+def close_pipeline_run(status: Any, args: dict[str, Any]) -> None:
+    """The exit task: end the MLflow pipeline run of this Kubeflow run with its final state, and tag
+    which stages ran here and which did not (served from Kubeflow's cache, or never reached)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_tracking(args)
+    run_id = os.environ.get(RUN_ID_ENV) or status.pipeline_job_resource_name
+    parent = pipeline_run(run_id)
+    client = setup_mlflow().MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    ran = sorted({c.data.tags.get("cdc.stage", "") for c in children} - {""})
+    missing = [s.name for s in STAGES if s.name not in ran]
+    final = FINAL_STATUS.get(str(status.state).upper(), "FAILED")
+    client.set_tag(parent, "kfp.state", str(status.state))
+    client.set_tag(parent, "kfp.tasks_ran", ",".join(ran))
+    # after a success every stage without a run here was served from Kubeflow's cache
+    client.set_tag(
+        parent, "kfp.tasks_cached" if final == "FINISHED" else "kfp.tasks_not_run", ",".join(missing)
+    )
+    if status.error_message:
+        client.set_tag(parent, "kfp.error", str(status.error_message)[:500])
+    client.set_terminated(parent, final)
+    log.info("MLflow pipeline run %s of Kubeflow run %s closed %s (%s)", parent, run_id, final, status.state)
 
 
 def log_kfp_metrics(artifact: Any, metrics: dict[str, Any], prefix: str = "") -> None:

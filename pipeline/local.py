@@ -13,7 +13,7 @@ from typing import Any
 
 from cdc.params import Params
 from components.tracking import tracking_uri
-from pipeline.dag import build_pipeline
+from pipeline.dag import PodSettings, build_pipeline
 from pipeline.defaults import PIPELINE_NAME
 from pipeline.entry import RUN_ID_ENV, pipeline_run
 
@@ -38,7 +38,7 @@ def run_local(
     """Run every component as a subprocess of this interpreter; artifacts land under `pipeline_root`.
 
     The MLflow pipeline run is opened here (so it exists even when a task fails first) and found by
-    every task through the `KFP_RUN_ID` this process passes down.
+    every task and the exit task through the `KFP_RUN_ID` this process passes down.
     """
     from kfp import local
 
@@ -61,7 +61,8 @@ def run_local(
         # The local runner ignores resources, retries and Kubernetes settings and says so per task.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-        build_pipeline(params)(**args)
+        # no retries here: a failed task is reported at once, and a rerun resumes its checkpoints
+        build_pipeline(params, PodSettings(retries=0))(**args)
     seconds = time.perf_counter() - start
     new = sorted(p for p in pipeline_root.iterdir() if p not in before and p.name.startswith(PIPELINE_NAME))
     if not new:

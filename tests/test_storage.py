@@ -187,3 +187,37 @@ def test_s3_errors_name_the_endpoint_and_bucket(s3, tmp_path: Path):
         denied_server.kill()
     unset = subprocess.run(["cdc", "storage", "push"], cwd=tmp_path, env=base, capture_output=True, text=True)
     assert unset.returncode == 2 and "CDC_S3_BUCKET is not set" in unset.stderr
+
+
+@pytest.mark.parametrize("where", ["s3", "mounted path"])
+def test_training_checkpoints_mirrored_to_durable_storage_come_back_in_a_fresh_folder(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+):
+    """What a retried Kubeflow task sees: its checkpoints folder is new and empty, the mirror (on the S3
+    server here, or a PVC-like path) gives back the last state; a finished run clears the mirror;
+    another fingerprint (params or inputs) finds nothing there."""
+    import torch
+
+    from components.checkpoint import Checkpoints, Mirror
+
+    for key, value in s3_env({}, s3).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    root = f"s3://{BUCKET}/runs/checkpoints" if where == "s3" else str(tmp_path / "pvc")
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 1}
+    mirror = Mirror(f"{root}/train_teacher/fp-1")
+    first = Checkpoints(tmp_path / "pod-1", "fp-1", mirror=mirror)
+    assert first.resume() is None
+    first.save(state, epoch=1)
+    assert sorted(p.rsplit("/", 1)[1] for p in mirror.fs.ls(mirror.root)) == ["epoch_001.pt", "last.pt"]
+    other = Checkpoints(tmp_path / "pod-2", "fp-2", mirror=Mirror(f"{root}/train_teacher/fp-2"))
+    assert other.resume() is None
+    retried = Checkpoints(tmp_path / "pod-3", "fp-1", mirror=Mirror(f"{root}/train_teacher/fp-1"))
+    resumed = retried.resume()
+    assert resumed is not None and torch.equal(resumed["model"]["w"], state["model"]["w"])
+    assert (tmp_path / "pod-3" / "epoch_001.pt").exists()
+    retried.finish()
+    assert not mirror.fs.exists(mirror.root)
+    assert (
+        Checkpoints(tmp_path / "pod-4", "fp-1", mirror=Mirror(f"{root}/train_teacher/fp-1")).resume() is None
+    )

@@ -72,6 +72,10 @@ STAGES: list[Stage] = [
         outputs={"prepared": PREPARED},
         kinds={"prepared": "dataset"},
         params=("seed", "data"),
+        flags={
+            "embed_files": "copy a streamed image tree into the prepared dataset, so that it is read from "
+            "there wherever the dataset goes (what every Kubeflow task does: its pods share no disk)"
+        },
         param_paths={"raw": "data.root"},
     ),
     Stage(

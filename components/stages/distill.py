@@ -22,7 +22,7 @@ from cdc.models import PrunableNet
 from cdc.params import Params
 from cdc.train import EpochResult, evaluate, kd_loss, recalibrate_bn, sgd, warmup_cosine
 from components import inputs as checked
-from components.checkpoint import Checkpoints, fingerprint
+from components.checkpoint import Checkpoints
 from components.epochs import EpochLoop
 from components.history import record_epoch, write_history
 from components.runtime import parallel, stage_runtime
@@ -57,7 +57,7 @@ def run(
     fit_split = data.train.subset(fit_idx)
 
     torch.manual_seed(params.seed)
-    checkpoints = Checkpoints(outputs["checkpoints"], fingerprint("distill", params, inputs), restart)
+    checkpoints = Checkpoints.of_stage("distill", outputs["checkpoints"], params, inputs, restart)
     state = checkpoints.resume()
     if state is None and p.bn_recalibration_batches:  # removed channels shift the next layers' inputs
         recal = data.batches(  # every rank the same full batches: the same statistics everywhere

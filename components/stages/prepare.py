@@ -2,7 +2,9 @@
 
 Arrays (and image-file datasets small enough, `data.storage`) become `.npz` splits held in memory by
 the later stages; a large image-file dataset becomes `files.parquet`, the list of its files with label,
-split and md5, streamed from `data.root` by the later stages. Either way an image-file dataset's list and
+split and md5, streamed from `data.root` by the later stages (with `--embed-files`, as Kubeflow runs it,
+from a copy of the tree inside the prepared dataset, so any machine or pod that has it can read
+them). Either way an image-file dataset's list and
 content hash are recorded, so a changed tree is a changed dataset.
 """
 
@@ -11,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cdc.data import (
+    EMBEDDED,
+    EMBEDDED_DIR,
     FILES_TABLE,
     AnySplit,
     Split,
@@ -39,7 +44,13 @@ NORMALIZATION_SAMPLE = 2000  # training images a streamed dataset's mean and std
 DECODE_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
+def run(
+    params: Params,
+    inputs: dict[str, Path],
+    outputs: dict[str, Path],
+    tracker: StageTracker,
+    embed_files: bool = False,
+) -> None:
     p = params.data
     raw = load_raw(p.dataset, inputs["raw"])
     full = raw.train.subset(stratified_subset(raw.train.labels, p.train_limit, params.seed))
@@ -81,7 +92,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
                 for name, s in splits.items()
             }
         else:
-            meta["root"] = str(inputs["raw"])
+            if embed_files:  # the tree travels inside the prepared dataset (Kubeflow: across pods)
+                meta[EMBEDDED] = True
+            else:
+                meta["root"] = str(inputs["raw"])
             sample = full.subset(stratified_subset(full.labels, NORMALIZATION_SAMPLE, params.seed))
             images = decode_all(sample, size, DECODE_WORKERS, _bar("normalization sample", sample))
             meta["normalization_images"] = len(sample)
@@ -115,12 +129,25 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         tmp.mkdir()
         if files is not None:
             pq.write_table(pa.table(files), tmp / FILES_TABLE)
+        if meta.get(EMBEDDED):
+            embed(inputs["raw"], files["file"], tmp / EMBEDDED_DIR)  # type: ignore[index]
         if not streamed:
             for name, split in splits.items():
                 save_split(tmp / f"{name}.npz", split)  # type: ignore[arg-type]
         write_json(tmp / "meta.json", meta)
     log.info("prepared %s (%s): %s", p.dataset, meta.get("storage", "memory"), meta["sizes"])
     tracker.log_metrics({f"{name}_images": len(s) for name, s in splits.items()})
+
+
+def embed(root: Path, files: list[str], into: Path) -> None:
+    """Copy the listed image files (hard links where the filesystem allows) under `into`."""
+    for file in progress(files, f"copying image files into {into.parent.name}"):
+        target = into / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(root / file, target)
+        except OSError:
+            shutil.copy2(root / file, target)
 
 
 def _bar(desc: str, split: AnySplit):  # noqa: ANN202 - a progress wrapper for decode_all

@@ -21,7 +21,7 @@ from cdc.io import load_initial_weights, save_model, write_json
 from cdc.models import PrunableNet, build_model
 from cdc.params import Params, imported_arch
 from cdc.train import BatchIterable, EpochResult, evaluate, sgd, warmup_cosine
-from components.checkpoint import Checkpoints, fingerprint
+from components.checkpoint import Checkpoints
 from components.epochs import EpochLoop
 from components.history import record_epoch, write_history
 from components.runtime import parallel, stage_runtime
@@ -69,7 +69,7 @@ def run(
     optimizer = sgd(model, p.lr, p.momentum, p.weight_decay)
     scheduler = warmup_cosine(optimizer, p.epochs * len(train), int(p.warmup_epochs * len(train)))
 
-    checkpoints = Checkpoints(outputs["checkpoints"], fingerprint("train_teacher", params, inputs), restart)
+    checkpoints = Checkpoints.of_stage("train_teacher", outputs["checkpoints"], params, inputs, restart)
     lr_hint = f"train_teacher.lr (now {p.lr})"
     loop = EpochLoop("train_teacher", model, optimizer, scheduler, train, val, checkpoints, runtime, lr_hint)
     state = checkpoints.resume()
