@@ -132,6 +132,7 @@ SLOW_FILES_FIRST = (
     "test_reliability.py",
     "test_kfp.py",
     "test_compare.py",
+    "test_kfp_streamed.py",
     "test_distributed.py",
     "test_lineage.py",
     "test_datasets.py",
