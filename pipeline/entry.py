@@ -78,7 +78,7 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
 
 
 def processes_for(stage: Stage) -> int:
-    """One process per GPU of the pod (`gpu_count`) for the stages that run under torchrun;
+    """One process per GPU of the pod (`cdc kfp compile --gpus`) for the stages that run under torchrun;
     `$CDC_NPROC` overrides (CPU pods, tests)."""
     if not stage.distributed:
         return 1
