@@ -199,6 +199,8 @@ def connect(host: str | None, namespace: str | None = None, auth: Auth = Auth())
     import kfp
 
     host = host or os.environ.get("KF_PIPELINES_ENDPOINT") or None
+    if host and "://" not in host:  # as kfp.Client does
+        host = f"https://{host}"
     where = host or "the endpoint kfp found (in-cluster or kubeconfig)"
     tag = require_backend(check_endpoint(host, auth), where) if host else None
     with warnings.catch_warnings():  # "only works with KFP v2.0.0-beta.2 and later": MIN_BACKEND is later
