@@ -15,7 +15,7 @@ import re
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,8 @@ class Auth:
     service-account token file (read by kfp at every request, so the kubelet may rotate it), or none
     (kfp.Client then uses kubeconfig or the in-cluster service account when no host is given)."""
 
-    token: str | None = None
-    cookies: str | None = None
+    token: str | None = field(default=None, repr=False)  # a repr or a traceback never shows them
+    cookies: str | None = field(default=None, repr=False)
     token_path: str | None = None
     source: str = "none"  # where the credential came from, for messages (never the credential)
 
