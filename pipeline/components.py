@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from cdc.params import Params
 from components.stages import RAW, STAGES, Stage
-from pipeline.entry import CHECKPOINT_ROOT_INPUT, TRACKING_INPUTS
+from pipeline.run_record import CHECKPOINT_ROOT_INPUT, TRACKING_INPUTS
 
 # stage-list artifact kind -> KFP artifact class
 ARTIFACT_TYPES: dict[str, type[dsl.Artifact]] = {
@@ -30,6 +30,7 @@ ARTIFACT_TYPES: dict[str, type[dsl.Artifact]] = {
     "artifact": dsl.Artifact,
 }
 RAW_KIND = "dataset"
+RECORD = "pipeline.run_record"  # what the raw_uri check and the exit task import: no torch
 
 
 def output_kinds() -> dict[str, str]:
@@ -58,17 +59,19 @@ def component_source(stage: Stage) -> str:
     args += [f'{name}: str = ""' for name in TRACKING_INPUTS]
     if stage.persist:  # resume checkpoints mirrored to durable storage (pipeline/entry.py)
         args.append(f'{CHECKPOINT_ROOT_INPUT}: str = ""')
-    return _function_source(stage.name, args, stage.help, f"run_component({stage.name!r}, arguments)")
+    call = f"run_component({stage.name!r}, arguments)"
+    return _function_source(stage.name, args, stage.help, "pipeline.entry", call)
 
 
-def _function_source(name: str, args: list[str], doc: str, call: str) -> str:
+def _function_source(name: str, args: list[str], doc: str, module: str, call: str) -> str:
+    """A component function whose body calls `call`, imported from `module` inside the pod."""
     signature = "".join(f"    {a},\n" for a in args)
     function = call.partition("(")[0]
     return (
         f"def {name}(\n{signature}):\n"
         f'    """{doc}"""\n'
         "    arguments = dict(locals())\n"
-        f"    from pipeline.entry import {function}\n\n"
+        f"    from {module} import {function}\n\n"
         f"    {call}\n"
     )
 
@@ -91,16 +94,14 @@ def build_component(stage: Stage, image: str) -> python_component.PythonComponen
 def check_raw_uri_component(image: str) -> python_component.PythonComponent:
     """The first task: stops a run whose `raw_uri` is empty or not a URI, naming the parameter (the
     importer after it would fail with the backend's own, obscure message)."""
-    source = _function_source(
-        "check_raw_uri", ["raw_uri: str"], "Check the raw_uri pipeline parameter.", "check_raw_uri(raw_uri)"
-    )
+    doc = "Check the raw_uri pipeline parameter."
+    source = _function_source("check_raw_uri", ["raw_uri: str"], doc, RECORD, "check_raw_uri(raw_uri)")
     return _component("check_raw_uri", source, image)
 
 
 def close_run_component(image: str) -> python_component.PythonComponent:
     """The exit task: closes the MLflow pipeline run with the run's final status, whatever happened."""
     args = ["status: dsl.PipelineTaskFinalStatus", *(f'{name}: str = ""' for name in TRACKING_INPUTS)]
-    source = _function_source(
-        "close_mlflow_run", args, "Close the MLflow pipeline run.", "close_pipeline_run(status, arguments)"
-    )
+    call = "close_pipeline_run(status, arguments)"
+    source = _function_source("close_mlflow_run", args, "Close the MLflow pipeline run.", RECORD, call)
     return _component("close_mlflow_run", source, image)

@@ -26,7 +26,7 @@ from cdc.params import Params, load_params
 from components.stages import RAW, STAGES, Stage
 from pipeline.components import build_component, check_raw_uri_component, close_run_component, section_type
 from pipeline.defaults import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
-from pipeline.entry import CHECKPOINT_ROOT_INPUT, POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
+from pipeline.run_record import CHECKPOINT_ROOT_INPUT, POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
 
 GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")

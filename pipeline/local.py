@@ -15,7 +15,7 @@ from cdc.params import Params
 from components.tracking import tracking_uri
 from pipeline.dag import PodSettings, build_pipeline
 from pipeline.defaults import PIPELINE_NAME
-from pipeline.entry import RUN_ID_ENV, pipeline_run
+from pipeline.run_record import RUN_ID_ENV, pipeline_run
 
 log = logging.getLogger("cdc.kfp")
 

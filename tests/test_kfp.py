@@ -387,29 +387,29 @@ def test_kubeflow_and_dvc_runs_give_the_same_artifacts(local_run, first_records,
 
 
 def test_a_run_without_raw_uri_stops_at_the_check_and_the_exit_task_closes_its_mlflow_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ):
     """What a run started from the UI with the defaults does: the first task fails naming raw_uri, and
     the exit task still closes the MLflow pipeline run as FAILED."""
     import mlflow
 
-    from pipeline.entry import RUN_ID_ENV
     from pipeline.local import run_local
+    from pipeline.run_record import RUN_ID_ENV
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv(RUN_ID_ENV, "")
     with pytest.raises(RuntimeError, match="check-raw-uri"):
         run_local(Params(), RAW_ROOT, tmp_path / "runs", {"raw_uri": ""})
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=store)
     (parent,) = client.search_runs([client.get_experiment_by_name("cdc").experiment_id])
     assert parent.info.status == "FAILED" and parent.data.tags["kfp.tasks_ran"] == ""
-    (check,) = (tmp_path / "runs").glob("cdc-pipeline-*/check-raw-uri")
-    assert not (check / "executor_output.json").exists()
+    assert "the pipeline parameter raw_uri is empty" in "".join(capfd.readouterr())
 
 
 @pytest.mark.parametrize("uri", ["", "data/raw", "/nonexistent/raw"])
 def test_raw_uri_check_names_the_parameter(uri: str):
-    from pipeline.entry import check_raw_uri
+    from pipeline.run_record import check_raw_uri
 
     with pytest.raises(SystemExit, match="pipeline parameter raw_uri"):
         check_raw_uri(uri)
