@@ -274,27 +274,20 @@ def test_path_params_inside_or_absolute_are_accepted():
     assert validate_params({"data": {"root": "data/raw/../raw"}}, "p").data.root == "data/raw/../raw"
 
 
-def test_dvc_repro_runs_the_whole_pipeline_on_a_streamed_image_tree(tmp_path: Path):
-    """`data.dataset: imagefolder` with `data.root` an absolute path outside the workspace: every stage
-    under `cdc repro`, the images streamed through DataLoader workers; DVC tracks the tree itself."""
+def test_dvc_tracks_a_streamed_image_tree_outside_the_workspace(tmp_path: Path):
+    """`data.dataset: imagefolder` with `data.root` an absolute path outside the workspace: DVC tracks
+    the tree itself (every file), and a changed image reruns `prepare`. (The whole pipeline on a
+    streamed tree, every stage reading the files: tests/test_kfp_streamed.py.)"""
     ws = tmp_path / "ws"
     env = make_workspace(ws, RAW)
     tree = make_image_tree(tmp_path / "images", CLASSES, {"train": 40, "val": 8, "test": 10})
     params = Params.model_validate(
-        {
-            **TINY,
-            "data": {"dataset": "imagefolder", "root": str(tree), "image_size": 32, "storage": "files"},
-            "score": {"n_coarse": 2},
-            "fit_dca": {"max_images": 60, "labels": "fine"},
-        }
+        {**TINY, "data": {"dataset": "imagefolder", "root": str(tree), "image_size": 32, "storage": "files"}}
     )
     (ws / "params.yaml").write_text(yaml.safe_dump(params.model_dump()))
-    run_ok(["cdc", "repro"], ws, env)
+    run_ok(["cdc", "repro", "prepare"], ws, env)
     meta = json.loads((ws / "data/prepared/meta.json").read_text())
     assert meta["storage"] == "files" and meta["root"] == str(tree) and meta["classes"] == CLASSES
-    evaluation = json.loads((ws / "metrics/evaluate.json").read_text())
-    assert {"teacher", "pruned", "student"} <= set(evaluation)
-    assert (ws / "data/export/student.onnx").exists()
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["prepare"]
     (data,) = [d for d in lock["deps"] if not d["path"].startswith(("cdc/", "components/"))]  # not the code
     assert data["path"] == str(tree) and data["nfiles"] == 3 * 58
