@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from cdc.params import Params, validate_params
+from pipeline.defaults import COOKIES_ENV, MIN_BACKEND, TOKEN_ENV
 
 log = logging.getLogger("cdc.kfp")
 
@@ -35,12 +36,6 @@ CRON_FIELDS = (  # KFP's cron has a seconds field first: "0 0 3 * * *" is 03:00 
 )
 CRON_NAMES = re.compile(r"^(JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|OCT|NOV|DEC|SUN|MON|TUE|WED|THU|FRI|SAT)$")
 HEALTH_TIMEOUT_S = 5.0
-# The oldest Kubeflow Pipelines backend whose driver accepts the compiled spec: `optional` on a
-# secret-as-env (KubernetesExecutorConfig.SecretAsEnv) first shipped in 2.15.0; older drivers fail
-# every task with `unknown field "optional"`.
-MIN_BACKEND = (2, 15, 0)
-TOKEN_ENV = "CDC_KFP_TOKEN"  # a bearer token for the endpoint (or --token / --token-file)
-COOKIES_ENV = "CDC_KFP_COOKIES"  # a session cookie, e.g. "authservice_session=..." (or --cookies)
 # where Kubernetes projects a service-account token for KFP inside a pod (kfp.client's convention)
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import inspect
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,67 +24,12 @@ from kfp.dsl import base_component
 from cdc.params import Params, load_params
 from components.stages import RAW, STAGES, Stage
 from pipeline.components import build_component, check_raw_uri_component, close_run_component, section_type
-from pipeline.defaults import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
+from pipeline.defaults import COMPILED, PIPELINE_NAME
+from pipeline.pods import PodSettings
 from pipeline.run_record import CHECKPOINT_ROOT_INPUT, POD_NAME_ENV, RUN_ID_ENV, TRACKING_INPUTS
 
-GPU_RESOURCE = "nvidia.com/gpu"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 SHM_VOLUME = "dshm"
-
-
-@dataclass(frozen=True)
-class Toleration:
-    key: str
-    effect: str  # NoSchedule, PreferNoSchedule or NoExecute
-    value: str | None = None  # None: operator Exists
-
-    @classmethod
-    def parse(cls, text: str) -> Toleration:
-        """`KEY[=VALUE]:EFFECT`, as `kubectl taint` writes a taint."""
-        spec, _, effect = text.rpartition(":")
-        key, _, value = spec.partition("=")
-        if not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-            raise ValueError(
-                f"toleration {text!r}: give KEY[=VALUE]:EFFECT with EFFECT one of NoSchedule, "
-                "PreferNoSchedule, NoExecute"
-            )
-        return cls(key, effect, value or None)
-
-
-@dataclass(frozen=True)
-class PodSettings:
-    """Where and how big the pods are: fixed when the spec is compiled (`cdc kfp compile` options).
-
-    A stage that runs as several processes (torchrun) gets `gpus` GPUs and `cpu_per_gpu`/`memory_gb_per_gpu`
-    times as many CPUs and GiB; a one-process model stage gets one GPU's worth; the others `cpu_task`.
-    Requests equal limits (Guaranteed QoS: the last pods a node evicts); the memory limit includes the
-    memory-backed /dev/shm (`shm_gb`), which Kubernetes counts against it. Tolerations and node selectors
-    apply to the GPU tasks only, so that the CPU tasks stay off the GPU pool.
-    """
-
-    image: str = DEFAULT_IMAGE
-    gpus: int = 1
-    accelerator: str = GPU_RESOURCE
-    tolerations: tuple[Toleration, ...] = ()
-    node_selector: tuple[tuple[str, str], ...] = ()
-    cpu_per_gpu: int = 4
-    memory_gb_per_gpu: int = 16
-    shm_gb: int = 8
-    cpu_task: tuple[int, int] = (1, 4)  # (CPUs, GiB) of a task that runs no model
-    gpu_timeout_h: float = 48.0
-    cpu_timeout_h: float = 6.0
-    image_pull_secret: str | None = None
-    # a failed task (an evicted or preempted pod too) is retried; its checkpoints let it resume
-    retries: int = 2
-    retry_backoff_s: int = 60  # doubling
-
-    def __post_init__(self) -> None:
-        if self.gpus < 1:
-            raise ValueError(f"gpus {self.gpus}: a model task needs at least one")
-
-    def gpus_of(self, stage: Stage) -> int:
-        """GPUs of `stage`'s task: `gpus` for a multi-process stage, one for the other model stages."""
-        return (self.gpus if stage.distributed else 1) if stage.runs_model else 0
 
 
 def pipeline_parameters(params: Params) -> list[inspect.Parameter]:

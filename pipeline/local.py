@@ -13,8 +13,9 @@ from typing import Any
 
 from cdc.params import Params
 from components.tracking import tracking_uri
-from pipeline.dag import PodSettings, build_pipeline
+from pipeline.dag import build_pipeline
 from pipeline.defaults import PIPELINE_NAME
+from pipeline.pods import PodSettings
 from pipeline.run_record import RUN_ID_ENV, pipeline_run
 
 log = logging.getLogger("cdc.kfp")

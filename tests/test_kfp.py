@@ -19,8 +19,9 @@ from components.checkpoint import FAILPOINT_ENV
 from components.stages import RAW, STAGE_BY_NAME, STAGES
 from components.tracking import md5
 from pipeline.components import ARTIFACT_TYPES, output_kinds
-from pipeline.dag import GPU_RESOURCE, PodSettings, Toleration, compile_pipeline
+from pipeline.dag import compile_pipeline
 from pipeline.defaults import COMPILED, DEFAULT_IMAGE
+from pipeline.pods import GPU_RESOURCE, PodSettings, Toleration
 from tests.conftest import RAW as RAW_ROOT
 from tests.conftest import REPO, TINY, clean_env, run_ok
 from tools import lineage

@@ -33,7 +33,7 @@ Every stage's params come from params.yaml (override with --set section.key=valu
 nested MLflow run under one pipeline run per Kubeflow run (tag kfp.run_id), which an exit task closes.
 Where pods go and how big they are (--gpus, --toleration, --node-selector, --shm-gb, timeouts, --image)
 is compiled into the spec: give those options to compile, or to submit/schedule, which then recompile.
-submit and schedule first read the endpoint's health check and refuse a backend older than 2.15.0."""
+submit and schedule first read the endpoint's health check and refuse a backend older than {floor}."""
 
 POD_OPTIONS = (
     "image",
@@ -56,8 +56,8 @@ MUTABLE_TAG_WARNING = (
 def add_pod_options(p: argparse.ArgumentParser, defaults: bool) -> None:
     """The compile-time pod settings (`pipeline.dag.PodSettings`); without `defaults` they are None
     when not given (submit/schedule: recompile only if one is)."""
-    from pipeline.dag import GPU_RESOURCE, PodSettings
     from pipeline.defaults import DEFAULT_IMAGE
+    from pipeline.pods import GPU_RESOURCE, PodSettings
 
     d = PodSettings()
 
@@ -133,7 +133,7 @@ def add_pod_options(p: argparse.ArgumentParser, defaults: bool) -> None:
 def pod_settings(args: argparse.Namespace) -> Any:
     """The PodSettings the options give, or None when none was given (submit/schedule keep --package)."""
     from pipeline.cluster import ClusterError
-    from pipeline.dag import PodSettings, Toleration
+    from pipeline.pods import PodSettings, Toleration
 
     given = {k: getattr(args, k) for k in POD_OPTIONS if getattr(args, k, None) not in (None, [])}
     if not given and args.kfp_command != "compile":
@@ -155,13 +155,12 @@ def pod_settings(args: argparse.Namespace) -> Any:
 
 
 def add_kfp_parser(sub: Any) -> None:
-    from pipeline.cluster import COOKIES_ENV, TOKEN_ENV
-    from pipeline.defaults import COMPILED
+    from pipeline.defaults import COMPILED, COOKIES_ENV, MIN_BACKEND, TOKEN_ENV
 
     kp = sub.add_parser(
         "kfp",
         help="compile, run locally, submit or schedule the Kubeflow pipeline",
-        description=KFP_HELP,
+        description=KFP_HELP.format(floor=".".join(map(str, MIN_BACKEND))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ks = kp.add_subparsers(dest="kfp_command", required=True, metavar="SUBCOMMAND")
