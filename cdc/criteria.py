@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch_pruning as tp
 
 from cdc.discriminants import DISCRIMINANTS, di
 from cdc.errors import InputError
@@ -52,8 +51,14 @@ GRID_DISCRIMINANTS: Registry[Callable] = Registry("grid discriminant")
 GRID_DISCRIMINANTS.add("di", di)
 
 
-def _tp_scores(importance: Callable) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
+def _tp_scores(importance_name: str) -> Callable[[PrunableNet, tuple[int, ...]], dict[str, np.ndarray]]:
+    """A Torch-Pruning importance (`tp.importance.<importance_name>`, L2) per channel of each layer.
+    Torch-Pruning is imported here, not with the module: it loads timm when installed (2 s a process)."""
+
     def scores(model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+        import torch_pruning as tp
+
+        importance = getattr(tp.importance, importance_name)(p=2)
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
         out = {}
         for layer in model.prunable_layers():
@@ -85,8 +90,8 @@ WEIGHT_CRITERIA: Registry[Callable[[PrunableNet, tuple[int, ...]], dict[str, np.
 )
 WEIGHT_CRITERIA.add("l1", _per_layer(lambda layer: layer.conv.weight.abs().sum((1, 2, 3))))
 WEIGHT_CRITERIA.add("bn_gamma", _per_layer(lambda layer: _norm(layer).weight.abs()))
-WEIGHT_CRITERIA.add("tp_magnitude", _tp_scores(tp.importance.GroupMagnitudeImportance(p=2)))
-WEIGHT_CRITERIA.add("tp_fpgm", _tp_scores(tp.importance.FPGMImportance(p=2)))
+WEIGHT_CRITERIA.add("tp_magnitude", _tp_scores("GroupMagnitudeImportance"))
+WEIGHT_CRITERIA.add("tp_fpgm", _tp_scores("FPGMImportance"))
 
 
 def weight_scores(name: str, model: PrunableNet, input_shape: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -17,7 +17,6 @@ from math import ceil
 
 import numpy as np
 import torch
-import torch_pruning as tp
 
 from cdc.errors import InputError
 from cdc.models import PrunableNet, hook_layer
@@ -223,6 +222,8 @@ def prune_channels(
     model: PrunableNet, removals: dict[str, list[int]], input_shape: tuple[int, ...]
 ) -> PrunableNet:
     """Physically remove `removals[layer]` output channels of each prunable conv, in place."""
+    import torch_pruning as tp  # here: it loads timm when installed (2 s for every process otherwise)
+
     with torch.enable_grad():  # Torch-Pruning traces through autograd
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_shape))
     for layer in model.prunable_layers():

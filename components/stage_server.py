@@ -52,10 +52,11 @@ IMPORT_TIME_ENV = (
 )
 # what every stage imports, before the first fork (5-6 s on 2 cores, while dvc starts); then, while the first
 # stage runs, what several import: torch._dynamo, which the first FLOPs count (prune, evaluate: the dispatch
-# mode of torch.utils.flop_counter) and the ONNX export each import (1.3-2.3 s); scikit-learn for score
+# mode of torch.utils.flop_counter) and the ONNX export each import (1.3-2.3 s); scikit-learn for score;
+# Torch-Pruning for prune (2.3 s with the timm it loads when installed)
 # (torchvision only where the data or the model needs it: not here)
 PRELOAD = ("torch", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "components.cli", "components.runner")
-LATER = ("sklearn.cluster", "torch._dynamo")
+LATER = ("sklearn.cluster", "torch._dynamo", "torch_pruning")
 # passed on to the child; SIGINT and SIGQUIT only when the child is outside the command's process group
 # (inside it, a terminal's Ctrl-C or Ctrl-\ reaches the child directly)
 FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
