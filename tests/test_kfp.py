@@ -241,7 +241,7 @@ def test_kfp_help_documents_every_subcommand(capsys: pytest.CaptureFixture[str])
     assert "--cron" in help_of("kfp", "schedule") and "--raw-uri" in help_of("kfp", "submit")
 
 
-PREEMPTED_AT = "train_teacher.step:5:TERM"  # SIGTERM, a preemption notice, after step 5 of epoch 1
+PREEMPTED_AT = "train_teacher.step:2:TERM"  # SIGTERM, a preemption notice, after step 2 of epoch 1
 
 
 @pytest.fixture(scope="module")
@@ -387,29 +387,34 @@ def test_kubeflow_and_dvc_runs_give_the_same_artifacts(local_run, first_records,
             assert kfp_metrics[model][key] == dvc_metrics[model][key], (model, key)
 
 
-def test_a_run_without_raw_uri_stops_at_the_check_and_the_exit_task_closes_its_mlflow_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("state", ["SUCCEEDED", "FAILED", "CANCELED"])
+def test_the_exit_task_closes_the_pipeline_run_with_the_runs_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, state: str
 ):
-    """What a run started from the UI with the defaults does: the first task fails naming raw_uri, and
-    the exit task still closes the MLflow pipeline run as FAILED."""
+    """The exit task's body with the status object Kubeflow hands it (the whole exit task under kfp.local,
+    after a failed task: the preempted run above): the pipeline run ends FINISHED, FAILED or KILLED."""
     import mlflow
+    from kfp import dsl
 
-    from pipeline.local import run_local
-    from pipeline.run_record import RUN_ID_ENV
+    from pipeline.run_record import RUN_ID_ENV, close_pipeline_run, pipeline_run
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.setenv(RUN_ID_ENV, "")
-    with pytest.raises(RuntimeError, match="check-raw-uri"):
-        run_local(Params(), RAW_ROOT, tmp_path / "runs", {"raw_uri": ""})
-    client = mlflow.MlflowClient(tracking_uri=store)
-    (parent,) = client.search_runs([client.get_experiment_by_name("cdc").experiment_id])
-    assert parent.info.status == "FAILED" and parent.data.tags["kfp.tasks_ran"] == ""
-    assert "the pipeline parameter raw_uri is empty" in "".join(capfd.readouterr())
+    monkeypatch.setenv(RUN_ID_ENV, f"run-{state}")
+    parent = pipeline_run(f"run-{state}")
+    message = "Task train-teacher failed." if state == "FAILED" else None
+    status = dsl.PipelineTaskFinalStatus(state, f"run-{state}", "exit-handler-1", None, message)
+    close_pipeline_run(status, {"mlflow_tracking_uri": store})
+    run = mlflow.MlflowClient(tracking_uri=store).get_run(parent)
+    assert run.info.status == {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELED": "KILLED"}[state]
+    assert run.data.tags["kfp.state"] == state and run.data.tags.get("kfp.error") == message
+    key = "kfp.tasks_cached" if state == "SUCCEEDED" else "kfp.tasks_not_run"
+    assert run.data.tags[key].split(",") == [s.name for s in STAGES]  # nothing ran in this test
 
 
 @pytest.mark.parametrize("uri", ["", "data/raw", "/nonexistent/raw"])
 def test_raw_uri_check_names_the_parameter(uri: str):
+    """What the first task of a run started from the UI with the defaults (raw_uri "") says."""
     from pipeline.run_record import check_raw_uri
 
     with pytest.raises(SystemExit, match="pipeline parameter raw_uri"):

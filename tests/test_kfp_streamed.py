@@ -36,6 +36,8 @@ def test_a_streamed_image_tree_runs_under_kfp_local_from_the_prepared_artifact(t
             },
             "score": {"n_coarse": 2},
             "fit_dca": {"max_images": 40, "labels": "fine"},
+            "evaluate": {**TINY["evaluate"], "latency_batch_sizes": [1]},
+            "export": {"check_images": 16},
         }
     )
     work = tmp_path / "work"
