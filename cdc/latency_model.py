@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cdc.inference import inference_forward
+from cdc.io import write_json
 from cdc.latency import compare_latency, threads
 
 Builder = Callable[[list[int]], nn.Module]  # widths -> a model of those widths (weights do not matter)
@@ -43,6 +44,7 @@ class LatencyTable:
     widths: list[int]  # full widths
     steps: list[list[int]]  # kept widths measured per layer (ascending, the full width last)
     ms: list[list[float]]  # the whole model's time with only that layer at that width
+    machine: str = ""  # the CPU's model or the GPU's name
 
     def layer_ms(self, i: int, width: int) -> float:
         """The whole model's time with layer i alone at `width` (linear between measured widths)."""
@@ -54,16 +56,37 @@ class LatencyTable:
             raise ValueError(f"{len(widths)} widths for a table of {len(self.widths)} prunable layers")
         return self.full_ms + sum(self.layer_ms(i, w) - self.full_ms for i, w in enumerate(widths))
 
+    def fast_widths(self, i: int) -> list[int]:
+        """The measured widths of layer i worth pruning to: each faster than every wider one. A kernel
+        that steps (a 24-channel conv as slow as a 32-channel one) makes the narrower width a loss of
+        accuracy for no time, so a budget keeps the wider one."""
+        fast, best = [], float("inf")
+        for w, t in sorted(zip(self.steps[i], self.ms[i], strict=True), reverse=True):
+            if t < best:
+                fast.append(w)
+                best = t
+        return sorted(fast)
+
     def key(self) -> dict:
         """What a table is valid for: the same architecture measured on the same target."""
-        return {k: getattr(self, k) for k in ("arch", "device", "threads", "batch", "form", "input_shape")}
+        keys = ("arch", "device", "machine", "threads", "batch", "form", "input_shape")
+        return {k: getattr(self, k) for k in keys}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json(path, {"measured": True, **asdict(self)})
 
     @classmethod
-    def load(cls, path: Path) -> LatencyTable:
-        return cls(**json.loads(Path(path).read_text()))
+    def load(cls, path: Path) -> LatencyTable | None:
+        """The table at `path`, or None where the stage measured none (`save_unmeasured`)."""
+        record = json.loads(Path(path).read_text())
+        if not record.pop("measured", True):
+            return None
+        return cls(**record)
+
+
+def save_unmeasured(path: Path, reason: str) -> None:
+    """What the latency_table stage writes when no budget reads a table: why none was measured."""
+    write_json(path, {"measured": False, "reason": reason})
 
 
 def width_steps(width: int, step: int) -> list[int]:

@@ -195,7 +195,13 @@ class PruneParams(Section):
     )
     sensitivity_images: int = Field(1000, ge=10, description="flops_target: validation images per probe")
     sensitivity_step: float = Field(
-        0.02, gt=0, lt=1, description="flops_target: FLOPs (fraction of the teacher's) each probe removes"
+        0.02,
+        gt=0,
+        lt=1,
+        description="flops_target, latency_target: cost (fraction of the teacher's) each probe removes",
+    )
+    latency_target: float = Field(
+        0.5, gt=0, lt=1, description="latency_target: fraction of the teacher's predicted latency kept"
     )
 
     @field_validator("budget")
@@ -252,6 +258,29 @@ class EvaluateParams(Section):
         return _check_registry(v, INFERENCE_FORMS)
 
 
+class LatencyParams(Section):
+    """The deployment target a latency table is measured on (stage latency_table, budget latency_target)."""
+
+    device: str = Field("cpu", pattern=f"^({DEVICE_PATTERN})$", description="cpu | cuda | cuda:N")
+    batch_size: int = Field(64, ge=1, description="images per forward on the target")
+    threads: int | None = Field(None, ge=1, description="CPU threads (null: torch's default)")
+    form: str = Field("folded", description="inference form timed (cdc.inference.INFERENCE_FORMS)")
+    step: int = Field(8, ge=1, description="kept widths measured in steps of this many channels")
+    rounds: int = Field(10, ge=3, description="interleaved rounds per layer; medians over rounds")
+
+    @field_validator("device")
+    @classmethod
+    def _a_device_not_auto(cls, v: str) -> str:
+        if v == "auto":
+            raise ValueError("the target is a device the model will run on: cpu, cuda or cuda:N, not auto")
+        return v
+
+    @field_validator("form")
+    @classmethod
+    def _known_form(cls, v: str) -> str:
+        return _check_registry(v, INFERENCE_FORMS)
+
+
 class ExportParams(Section):
     model_name: str = Field(
         "cdc-student",
@@ -278,6 +307,7 @@ class Params(Section):
     train_teacher: TrainTeacherParams = TrainTeacherParams()
     dump_stats: DumpStatsParams = DumpStatsParams()
     score: ScoreParams = ScoreParams()
+    latency: LatencyParams = LatencyParams()
     prune: PruneParams = PruneParams()
     fit_dca: FitDcaParams = FitDcaParams()
     distill: DistillParams = DistillParams()
@@ -305,6 +335,11 @@ class Params(Section):
             raise ValueError(f"prune.ratios is read by budget per_layer only, not {pr.budget}; set it null")
         if pr.budget == "per_layer" and pr.ratios is None:
             raise ValueError("prune.budget per_layer needs prune.ratios, a removal fraction per layer")
+        if pr.budget == "latency_target" and self.latency.step % pr.round_to:
+            raise ValueError(
+                f"prune.round_to {pr.round_to} must divide latency.step {self.latency.step}: the budget "
+                "keeps widths the latency table measured (multiples of latency.step)"
+            )
         for key in ("coarse_map", "coarse_blocks"):
             if not s.hierarchy and getattr(s, key) is not None:
                 raise ValueError(f"score.{key} is read with score.hierarchy true only: set it null")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from math import ceil
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,16 +23,20 @@ from cdc.errors import InputError
 from cdc.models import PrunableNet, hook_layer
 from cdc.registry import Registry
 
+if TYPE_CHECKING:
+    from cdc.latency_model import LatencyTable
+
 
 @dataclass
 class BudgetProbe:
-    """What the FLOPs-targeting budgets measure: the FLOPs of a width vector, the channel scores
-    (`global`), and (`flops_target`) the validation accuracy of the unpruned teacher with, per layer,
-    every channel beyond the `keep` best-scored silenced."""
+    """What the measuring budgets read: the FLOPs of a width vector, the channel scores (`global`), the
+    validation accuracy of the unpruned teacher with, per layer, every channel beyond the `keep`
+    best-scored silenced (`flops_target`, `latency_target`), and the target's latency table."""
 
     flops: Callable[[list[int]], int]
     scores: Sequence[np.ndarray]
     accuracy: Callable[[list[int]], float] | None = None
+    latency: LatencyTable | None = None  # `latency_target`: the target's table
     trace: list[dict] = field(default_factory=list)  # one entry per committed cut, for the report
 
 
@@ -77,40 +82,92 @@ def flops_target_budget(
     smallest accuracy drop per FLOP saved is made. Stops at `flops_target` of the teacher's FLOPs; the
     last cut is sized to land on the target, so the achieved ratio is within one channel group of it.
     """
-    if probe is None or probe.accuracy is None:
-        raise ValueError("prune.budget flops_target measures validation accuracy: it needs a probe")
     multiple = params.get("round_to", 1)
-    full = probe.flops(list(widths))
-    goal = params["flops_target"] * full
-    step = params["sensitivity_step"] * full
-    keep = round_widths(list(widths), widths, multiple)
     floors = [min(w, multiple) for w in widths]
-    current, accuracy = probe.flops(keep), probe.accuracy(keep)
+
+    def narrower(i: int, keep: list[int], wanted: float, current: float, flops: Cost) -> int | None:
+        if keep[i] <= floors[i]:
+            return None
+        per_channel = max(current - flops(_with(keep, i, keep[i] - 1)), 1)
+        return max(keep[i] - multiple * ceil(wanted / per_channel / multiple), floors[i])
+
+    assert probe is not None  # _sensitivity_search says why when it is missing
+    start = round_widths(list(widths), widths, multiple)
+    return _sensitivity_search(names, start, params, probe, "flops", narrower)
+
+
+@register_budget("latency_target")
+def latency_target_budget(
+    names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
+) -> list[int]:
+    """The FLOP-normalized sensitivity search with time in place of FLOPs: accuracy lost per millisecond
+    of predicted latency saved (`probe.latency`, a table measured on the target), each layer cut only to
+    widths the table shows are faster than every wider one (`LatencyTable.fast_widths`). Stops once the
+    predicted latency is at most `latency_target` of the teacher's."""
+    if probe is None or probe.latency is None:
+        raise ValueError("prune.budget latency_target predicts latency: it needs a probe with a table")
+    table = probe.latency
+
+    def narrower(i: int, keep: list[int], wanted: float, current: float, cost: Cost) -> int | None:
+        below = [w for w in table.fast_widths(i) if w < keep[i]]
+        for w in reversed(below):  # the widest cut that saves what is wanted, else the narrowest
+            if current - cost(_with(keep, i, w)) >= wanted:
+                return w
+        return below[0] if below else None
+
+    return _sensitivity_search(names, list(widths), params, probe, "latency", narrower)
+
+
+Cost = Callable[[list[int]], float]
+# a layer's next cut: (layer, widths, cost wanted saved, current cost, cost) -> its new width (None: none)
+Narrower = Callable[[int, list[int], float, float, Cost], int | None]
+
+
+def _with(keep: list[int], i: int, width: int) -> list[int]:
+    return [*keep[:i], width, *keep[i + 1 :]]
+
+
+def _sensitivity_search(
+    names: list[str],
+    keep: list[int],
+    params: dict,
+    probe: BudgetProbe | None,
+    measure: str,
+    narrower: Narrower,
+) -> list[int]:
+    """Method §3's greedy search, for a cost (`measure`: flops or latency): each round every layer
+    proposes a cut worth about `sensitivity_step` of the teacher's cost, and the one losing the least
+    validation accuracy per unit of cost saved is made, until `<measure>_target` of the cost is left."""
+    if probe is None or probe.accuracy is None:
+        raise ValueError(f"prune.budget {measure}_target measures validation accuracy: it needs a probe")
+    cost: Cost = probe.flops if measure == "flops" else probe.latency.predict  # type: ignore[union-attr]
+    target = params[f"{measure}_target"]
+    full = cost(keep)
+    goal, step = target * full, params["sensitivity_step"] * full
+    current, accuracy = cost(keep), probe.accuracy(keep)
     while current > goal:
         wanted = min(step, current - goal)
-        best: tuple[float, int, list[int], int, float] | None = None
-        for i, (k, floor) in enumerate(zip(keep, floors, strict=True)):
-            if k <= floor:
+        best: tuple[float, int, list[int], float, float] | None = None
+        for i in range(len(keep)):
+            width = narrower(i, keep, wanted, current, cost)
+            if width is None:
                 continue
-            fewer = list(keep)
-            fewer[i] = k - 1
-            per_channel = max(current - probe.flops(fewer), 1)
-            fewer[i] = max(k - multiple * ceil(wanted / per_channel / multiple), floor)
-            flops = probe.flops(fewer)
-            if flops >= current:
+            fewer = _with(keep, i, width)
+            after = cost(fewer)
+            if after >= current:
                 continue
             acc = probe.accuracy(fewer)
-            cost = (accuracy - acc) / (current - flops)
-            if best is None or cost < best[0]:
-                best = (cost, i, fewer, flops, acc)
+            loss_per_cost = (accuracy - acc) / (current - after)
+            if best is None or loss_per_cost < best[0]:
+                best = (loss_per_cost, i, fewer, after, acc)
         if best is None:
             raise InputError(
-                f"prune.flops_target {params['flops_target']}: every layer is at its minimum width "
-                f"at {current / full:.3f} of the FLOPs"
+                f"prune.{measure}_target {target}: every layer is at its minimum width at "
+                f"{current / full:.3f} of the teacher's {measure}"
             )
-        cost, i, keep, current, accuracy = best
+        _, i, keep, current, accuracy = best
         probe.trace.append(
-            {"layer": names[i], "keep": keep[i], "flops_ratio": current / full, "val_acc": accuracy}
+            {"layer": names[i], "keep": keep[i], f"{measure}_ratio": current / full, "val_acc": accuracy}
         )
     return keep
 

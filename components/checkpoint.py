@@ -41,7 +41,7 @@ CHECKPOINT_ROOT_ENV = "CDC_CHECKPOINT_ROOT"  # durable copies of the checkpoints
 def fingerprint(stage: str, params: Params, inputs: dict[str, Path]) -> str:
     """What a checkpoint must have been written under to be resumed: the stage's params sections and
     the hashes of its inputs."""
-    sections = {k: getattr(params, k) for k in STAGE_BY_NAME[stage].params}
+    sections = {k: params.get(k) for k in STAGE_BY_NAME[stage].params}
     dumped = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in sections.items()}
     hashes = {name: md5(path) for name, path in sorted(inputs.items())}
     blob = json.dumps({"params": dumped, "inputs": hashes}, sort_keys=True)

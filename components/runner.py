@@ -41,7 +41,7 @@ def execute(
             raise InputError(
                 f"{path}: input {name} of stage {stage.name} not found{_made_by(name, stage)}", path
             )
-    section = {k: getattr(params, k) for k in stage.params}
+    section = {k: params.get(k) for k in stage.params}
     logged = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in section.items()}
     module = importlib.import_module(stage.module)
     if distributed.launched():

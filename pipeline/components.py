@@ -55,7 +55,7 @@ def component_source(stage: Stage) -> str:
     kinds = output_kinds()
     args = [f"{n}: Input[{ARTIFACT_TYPES[kinds[p]].__name__}]" for n, p in stage.inputs.items()]
     args += [f"{n}: Output[{ARTIFACT_TYPES[k].__name__}]" for n, k in stage.kinds.items()]
-    args += [f"{section}: {section_type(section)}" for section in stage.params]
+    args += [f"{section}: {section_type(section)}" for section in stage.sections]
     args += [f'{name}: str = ""' for name in TRACKING_INPUTS]
     if stage.persist:  # resume checkpoints mirrored to durable storage (pipeline/entry.py)
         args.append(f'{CHECKPOINT_ROOT_INPUT}: str = ""')

@@ -75,7 +75,7 @@ def build_pipeline(
             produced = {RAW: raw.output}
             for stage in STAGES:
                 kwargs = {name: produced[path] for name, path in stage.inputs.items()}
-                kwargs.update({section: arg[section] for section in stage.params})
+                kwargs.update({section: arg[section] for section in stage.sections})
                 kwargs.update(tracking)
                 if stage.persist:
                     kwargs[CHECKPOINT_ROOT_INPUT] = arg[CHECKPOINT_ROOT_INPUT]

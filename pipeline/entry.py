@@ -41,7 +41,7 @@ def run_component(stage_name: str, args: dict[str, Any]) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
     stage = STAGE_BY_NAME[stage_name]
-    params = Params.model_validate({section: args[section] for section in stage.params})
+    params = Params.model_validate({section: args[section] for section in stage.sections})
     inputs = {name: Path(args[name].path) for name in stage.inputs}
     outputs = {name: Path(args[name].path) for name in stage.outputs}
     configure_tracking(args)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cdc.errors import InputError
 from cdc.latency_model import LatencyTable, measure_models, measure_table, width_steps
 from cdc.models import build_model
+from cdc.pruning import BudgetProbe, keep_counts
 
 
 def hand_table() -> LatencyTable:
@@ -65,3 +67,59 @@ def test_a_measured_table_covers_every_layer_and_step():
         build, {"full": widths, "half": [w // 2 for w in widths]}, [1, 28, 28], 2, rounds=3
     )
     assert set(times) == {"full", "half"} and min(times.values()) > 0
+
+
+def stepped_table() -> LatencyTable:
+    """Three layers; the last one's kernels step: 24 channels cost what 32 do (a real CPU's pattern)."""
+    return LatencyTable(
+        arch="x",
+        device="cpu",
+        threads=1,
+        batch=64,
+        form="folded",
+        input_shape=[1, 28, 28],
+        full_ms=30.0,
+        layers=["a", "b", "c"],
+        widths=[16, 32, 32],
+        steps=[[8, 16], [8, 16, 24, 32], [8, 16, 24, 32]],
+        ms=[[26.0, 30.0], [24.0, 26.0, 28.0, 30.0], [22.0, 29.0, 30.0, 30.0]],
+    )
+
+
+def test_fast_widths_drop_a_width_no_faster_than_a_wider_one():
+    table = stepped_table()
+    assert table.fast_widths(0) == [8, 16]
+    assert table.fast_widths(1) == [8, 16, 24, 32]
+    assert table.fast_widths(2) == [8, 16, 32]  # 24 saves nothing over 32
+
+
+def test_latency_target_meets_the_predicted_target_on_fast_widths_sparing_the_sensitive_layer():
+    table = stepped_table()
+    # cutting layer a costs much accuracy, b and c little: the time must come from b and c
+    probe = BudgetProbe(
+        lambda w: sum(w), [], accuracy=lambda k: 0.9 - 0.05 * (16 - k[0]) - 0.001 * (64 - k[1] - k[2])
+    )
+    probe.latency = table
+    params = {"latency_target": 0.8, "sensitivity_step": 0.05, "round_to": 8}
+    keep = keep_counts("latency_target", table.layers, table.widths, params, probe)
+    assert table.predict(keep) <= 0.8 * table.full_ms
+    assert keep[0] == 16
+    assert all(k in table.fast_widths(i) for i, k in enumerate(keep))
+    assert probe.trace[-1]["latency_ratio"] == pytest.approx(table.predict(keep) / table.full_ms)
+    assert [t["latency_ratio"] for t in probe.trace] == sorted(
+        (t["latency_ratio"] for t in probe.trace), reverse=True
+    )
+
+
+def test_an_unreachable_latency_target_names_the_key():
+    table = stepped_table()
+    probe = BudgetProbe(lambda w: sum(w), [], accuracy=lambda k: 0.5)
+    probe.latency = table
+    with pytest.raises(InputError, match="prune.latency_target 0.1: every layer is at its minimum width"):
+        keep_counts(
+            "latency_target",
+            table.layers,
+            table.widths,
+            {"latency_target": 0.1, "sensitivity_step": 0.05},
+            probe,
+        )

@@ -53,7 +53,9 @@ def test_stage_graph_is_a_chain_of_declared_outputs():
         for name, path in stage.inputs.items():
             assert path in produced, f"{stage.name}.{name} ({path}) is produced by no earlier stage"
         produced |= set(stage.outputs.values())
-        assert set(stage.params) <= set(Params.model_fields)
+        assert set(stage.sections) <= set(Params.model_fields)
+        for key in stage.params:  # a dotted key names a key of its section
+            Params().get(key)
 
 
 def test_cli_has_a_command_per_stage_with_its_paths():

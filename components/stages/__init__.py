@@ -16,6 +16,7 @@ from pathlib import Path
 PREPARED = "data/prepared"
 TEACHER = "data/teacher/model.pt"
 PRUNED = "data/prune/model.pt"
+LATENCY_TABLE = "data/latency/table.json"
 RAW = "data/raw"
 RUNTIME = "runtime"  # the params section of the stages that run a model (device, mixed precision)
 RESTART = "ignore the checkpoints of an unfinished run and start over"
@@ -30,6 +31,8 @@ class Stage:
     inputs: dict[str, str]
     outputs: dict[str, str]
     kinds: dict[str, str]  # output name -> one of ARTIFACT_KINDS
+    # params.yaml sections, or a section's key (`prune.budget`) where the stage reads only that one: DVC
+    # reruns the stage when one of these changes
     params: tuple[str, ...]
     # DVC metrics and plot sources: small files kept by git under metrics/, not by the DVC cache, so
     # `dvc exp show`, `dvc metrics diff` and `dvc plots diff` read them at any revision or experiment
@@ -56,6 +59,11 @@ class Stage:
     @property
     def module(self) -> str:
         return f"components.stages.{self.name}"
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The params sections the stage reads keys of (what its Kubeflow component takes)."""
+        return tuple(dict.fromkeys(p.split(".")[0] for p in self.params))
 
     @property
     def runs_model(self) -> bool:
@@ -125,9 +133,23 @@ STAGES: list[Stage] = [
         params=("seed", "score", RUNTIME),
     ),
     Stage(
+        "latency_table",
+        "With prune.budget latency_target: time the teacher on the target (the latency section) with each "
+        "prunable layer narrowed in turn, the table the budget predicts latency from; otherwise a stub.",
+        inputs={"prepared": PREPARED, "teacher": TEACHER},
+        outputs={"table": LATENCY_TABLE},
+        kinds={"table": "artifact"},
+        params=("latency", "prune.budget"),
+    ),
+    Stage(
         "prune",
         "Physically remove the lowest-scored channels of each layer under the budget.",
-        inputs={"prepared": PREPARED, "teacher": TEACHER, "scores": "data/score/scores.parquet"},
+        inputs={
+            "prepared": PREPARED,
+            "teacher": TEACHER,
+            "scores": "data/score/scores.parquet",
+            "latency_table": LATENCY_TABLE,
+        },
         outputs={"model": PRUNED, "report": "data/prune/report.json"},
         kinds={"model": "model", "report": "artifact"},
         params=("prune",),

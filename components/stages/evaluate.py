@@ -75,6 +75,10 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             ratios[f"speedup_b{bs}_spread"] = latency["student"].spread
     for name in MODELS:
         log.info("%s: %s", name, metrics[name])
+    prune_report = read_json(inputs["prune_report"])
+    if prune_report.get("latency_target") is not None:  # the table's prediction, beside the measurement
+        ratios["latency_target"] = prune_report["latency_target"]
+        ratios["predicted_latency_ratio"] = prune_report["predicted_latency_ratio"]
     metrics["student_vs_teacher"] = ratios
     metrics["latency_device"] = runtime.describe()
     metrics["latency_form"] = p.latency_form
@@ -92,9 +96,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
             read_csv(inputs["student_history"]),
         )
         plot_tradeoff(tmp / "accuracy_vs_flops.png", metrics)
-        plot_widths(tmp / "widths.png", read_json(inputs["prune_report"]))
+        plot_widths(tmp / "widths.png", prune_report)
     with atomic_path(outputs["report"]) as tmp:
-        tmp.write_text(render_report(metrics, read_json(inputs["prune_report"]), p.latency_batch_sizes))
+        tmp.write_text(render_report(metrics, prune_report, p.latency_batch_sizes))
 
 
 def recalibrate_pruned(model: torch.nn.Module, data: Prepared, params: Params, device: torch.device) -> None:
@@ -157,6 +161,29 @@ def latency_conditions(metrics: dict) -> str:
     return f"{device}, {metrics['latency_form']} form"
 
 
+def latency_budget_summary(metrics: dict, prune_report: dict) -> str:
+    """The latency budget's target, the table's prediction and what was measured at the table's batch
+    size ('' under another budget)."""
+    if prune_report.get("latency_target") is None:
+        return ""
+    table, r = prune_report["latency_table"], metrics["student_vs_teacher"]
+    target = (
+        f"{table['device']} ({table['machine']}), batch {table['batch']}, {table['form']} form, "
+        f"{table['threads']} threads"
+    )
+    measured = r.get(f"speedup_b{table['batch']}")
+    measured_text = (
+        f"measured {100 / measured:.1f}% at batch {table['batch']} ({latency_conditions(metrics)})"
+        if measured
+        else f"not measured at batch {table['batch']} (add it to evaluate.latency_batch_sizes)"
+    )
+    return (
+        f"Latency budget: at most {100 * r['latency_target']:.0f}% of the teacher's latency on {target}; "
+        f"the table predicts {100 * r['predicted_latency_ratio']:.1f}%, {measured_text}; "
+        f"{100 * r['flops_ratio']:.1f}% of the FLOPs.\n\n"
+    )
+
+
 def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> str:
     widths = "\n".join(
         f"| {n} | {a} | {b} |"
@@ -170,6 +197,7 @@ def render_report(metrics: dict, prune_report: dict, batch_sizes: list[int]) -> 
         f"over interleaved rounds of forward passes ({latency_conditions(metrics)}); a speed-up is the "
         "median of per-round ratios, ± half their interquartile range.\n\n"
         f"{summary_table(metrics, batch_sizes)}\n\n"
+        f"{latency_budget_summary(metrics, prune_report)}"
         f"## Pruned widths ({prune_report['budget']} budget)\n\n"
         f"| layer | before | after |\n|---|---|---|\n{widths}\n\n"
         "![training curves](plots/training_curves.png)\n![accuracy vs FLOPs](plots/accuracy_vs_flops.png)\n"

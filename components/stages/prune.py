@@ -17,6 +17,7 @@ from cdc.data import load_prepared, stratified_subset
 from cdc.errors import InputError
 from cdc.flops import count_macs, count_macs_of, count_params
 from cdc.io import build_like, load_model, read_json, save_model, write_json
+from cdc.latency_model import LatencyTable
 from cdc.models import PrunableNet
 from cdc.params import Params
 from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
@@ -25,6 +26,7 @@ from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
 FLOPS_BUDGETS = ("flops_target", "global")  # the budgets that aim at prune.flops_target
+SENSITIVITY_BUDGETS = ("flops_target", "latency_target")  # the budgets that probe validation accuracy
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
@@ -45,7 +47,9 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         )
     if not all(np.isfinite(s).all() for s in layer_scores):
         raise InputError(f"{inputs['scores']}: holds non-finite scores; rerun score", inputs["scores"])
+    table = latency_table(params, inputs["latency_table"], names, widths_before)
     probe = budget_probe(params, inputs["prepared"], model, record, layer_scores, input_shape)
+    probe.latency = table
     keep = keep_counts(params.prune.budget, names, widths_before, params.prune.model_dump(), probe)
     removals = {name: channels_to_remove(s, k) for name, s, k in zip(names, layer_scores, keep, strict=True)}
     before = {"flops": count_macs(model, input_shape), "params": count_params(model)}
@@ -58,6 +62,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "round_to": params.prune.round_to,
         "flops_target": params.prune.flops_target if params.prune.budget in FLOPS_BUDGETS else None,
         "sensitivity_trace": probe.trace or None,
+        **latency_prediction(params, table, widths_before, keep),
         "layers": names,
         "layer_discovery": discovery,  # every conv (an imported arch): prunable, or why it is left whole
         "widths_before": widths_before,
@@ -71,9 +76,8 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
         "params_ratio": after["params"] / before["params"],
     }
     write_json(outputs["report"], report)
-    tracker.log_metrics(
-        {k: report[k] for k in ("flops_before", "flops_after", "flops_ratio", "params_ratio")}
-    )
+    logged = ("flops_before", "flops_after", "flops_ratio", "params_ratio", "predicted_latency_ratio")
+    tracker.log_metrics({k: report[k] for k in logged if report.get(k) is not None})
     log.info(
         "pruned to %.1f%% of FLOPs, %.1f%% of params; widths %s",
         100 * report["flops_ratio"],
@@ -90,17 +94,50 @@ def budget_probe(
     layer_scores: list,
     input_shape: tuple[int, ...],
 ) -> BudgetProbe:
-    """What the FLOPs-targeting budgets measure: FLOPs of candidate widths, the scores, and for
-    `flops_target` the teacher's accuracy on validation images with channels silenced."""
+    """What the measuring budgets read: FLOPs of candidate widths, the scores, and for `flops_target` and
+    `latency_target` the teacher's accuracy on validation images with channels silenced."""
 
     @cache
     def flops(widths: tuple[int, ...]) -> int:
         return count_macs_of(lambda: build_like(record, list(widths)), input_shape)
 
-    if params.prune.budget != "flops_target":
+    if params.prune.budget not in SENSITIVITY_BUDGETS:
         return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)
     data = load_prepared(prepared)
     idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
     batches = data.batches(data.val.subset(idx), 500)
-    log.info("flops_target: sensitivity analysis on %d validation images", len(idx))
+    log.info("%s: sensitivity analysis on %d validation images", params.prune.budget, len(idx))
     return silencing_probe(model, layer_scores, batches, lambda w: flops(tuple(w)))
+
+
+def latency_table(params: Params, path: Path, names: list[str], widths: list[int]) -> LatencyTable | None:
+    """The target's latency table where the budget reads one, checked against the teacher."""
+    if params.prune.budget != "latency_target":
+        return None
+    table = LatencyTable.load(path)
+    if table is None:
+        raise InputError(f"{path}: no latency table was measured; rerun latency_table (cdc repro)", path)
+    if table.layers != names or table.widths != widths:
+        raise InputError(
+            f"{path}: a table of another model (layers {table.layers}, widths {table.widths}) than the "
+            f"teacher ({names}, {widths}); rerun latency_table on this teacher",
+            path,
+        )
+    return table
+
+
+def latency_prediction(
+    params: Params, table: LatencyTable | None, before: list[int], after: list[int]
+) -> dict:
+    """The report's latency figures: the target, the table's prediction for teacher and pruned model,
+    and the conditions it holds for (evaluate measures the same ratio on the models)."""
+    if table is None:
+        return {"latency_target": None}
+    teacher_ms, pruned_ms = table.predict(before), table.predict(after)
+    return {
+        "latency_target": params.prune.latency_target,
+        "predicted_latency_ms_before": teacher_ms,
+        "predicted_latency_ms_after": pruned_ms,
+        "predicted_latency_ratio": pruned_ms / teacher_ms,
+        "latency_table": table.key(),
+    }
