@@ -2,13 +2,14 @@
 table of measurements instead of FLOPs.
 
 FLOPs do not predict time: a 16->8 conv on a 28x28 map costs what a 16->16 one does, while the wide late
-layers give their time back. The table measures, on the target (device, thread count, batch size,
-inference form), the whole network with one prunable layer narrowed at a time, in steps of `round_to`,
-interleaved with the full network (`cdc.latency.compare_latency`), so each entry is a ratio to the full
-model measured under the same conditions. Narrowing layer i changes its own conv and the next layer's
-input channels, so its entry holds both. A pruned model's prediction is the full model's time plus each
-layer's change at its kept width (linear between measured widths): additive, which `check` measures
-against whole-model timings of other width vectors (bench/latency_table.py reports that error).
+layers give their time back. The table holds, for the target (device, thread count, batch size, inference
+form), the full model's time and, per prunable layer and kept width (steps of `round_to`), the model's
+time with that layer alone at that width. Narrowing layer i changes its own conv and the convs that read
+it (the next conv's input channels, a depthwise conv's groups): those operators are timed on their own at
+each width, interleaved (`cdc.latency.compare_latency`), as NetAdapt and HALP do, so a layer's change is
+measured as the whole signal rather than as a few percent of a network's noisy time. A pruned model's
+prediction is the full model's time plus each layer's change at its kept width (linear between measured
+widths): additive, which bench/latency_table.py checks against whole-model timings of other widths.
 """
 
 from __future__ import annotations
@@ -99,6 +100,77 @@ def _forward(build: Builder, widths: list[int], x: torch.Tensor, form: str, n_th
     return inference_forward(model, form, x, n_threads)
 
 
+# forms whose operators run one by one as PyTorch modules: a layer's time is timed on its own operators.
+# A compiler or another runtime fuses across them, so there the whole network is timed with the layer
+# narrowed instead (much noisier: a layer is a few percent of the network).
+OPERATOR_FORMS = ("eager", "folded", "folded_channels_last")
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """What a conv costs: its hyper-parameters and the size of the map it reads (per image)."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    height: int
+    width: int
+
+
+def conv_shapes(model: nn.Module, image_shape: Sequence[int]) -> dict[str, ConvShape]:
+    """Every Conv2d of `model` (by module name) with the map it reads, from one forward of one image."""
+    found: dict[str, ConvShape] = {}
+
+    def hook(name: str, conv: nn.Conv2d) -> Callable:
+        def record(_module: nn.Module, args: tuple) -> None:
+            h, w = args[0].shape[-2:]
+            padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+            found[name] = ConvShape(
+                conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride),
+                padding, tuple(conv.dilation), conv.groups, int(h), int(w),
+            )  # fmt: skip
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(n, m)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *image_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+class ConvOperators(nn.Module):
+    """Some convs of a network, each (bias as after BN folding, then ReLU) on a random map of its input
+    size: the operators one prunable layer's width changes, timed without the rest of the network."""
+
+    def __init__(
+        self, shapes: list[ConvShape], batch: int, channels_last: bool, device: torch.device
+    ) -> None:
+        super().__init__()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.convs = nn.ModuleList(
+            nn.Conv2d(s.in_channels, s.out_channels, s.kernel_size, s.stride, s.padding, s.dilation, s.groups)
+            for s in shapes
+        ).to(device, memory_format=fmt)
+        self.maps = [
+            torch.rand(batch, s.in_channels, s.height, s.width, device=device).contiguous(memory_format=fmt)
+            for s in shapes
+        ]
+
+    def forward(self) -> None:
+        for conv, x in zip(self.convs, self.maps, strict=True):
+            torch.relu_(conv(x))
+
+
 def measure_table(
     build: Builder,
     arch: str,
@@ -113,40 +185,68 @@ def measure_table(
     rounds: int = 10,
     progress: Callable[[str], None] = lambda message: None,
 ) -> LatencyTable:
-    """Time the full model and, one layer at a time, the model with that layer at each `width_steps`
-    width: one interleaved measurement per layer, the full model as its reference."""
+    """The full model's time, then per layer its time at each `width_steps` width. In an OPERATOR_FORMS
+    form, a layer's row is the full time plus the change of the convs its width changes (its own, the
+    next layer's input, a depthwise conv's groups), those convs timed alone at each width, interleaved;
+    otherwise the whole model with that layer narrowed, interleaved with the full model."""
     device = device or torch.device("cpu")
     x = torch.rand(batch, *input_shape, device=device)
-    steps, ms, full_times = [], [], []
     with threads(n_threads) as in_effect, torch.no_grad():
+        full_shapes = conv_shapes(build(widths), input_shape) if form in OPERATOR_FORMS else {}
+        steps, deltas = [], []
         for i, name in enumerate(layers):
             kept = width_steps(widths[i], step)
-            forwards = {"full": _forward(build, widths, x, form, n_threads)}
-            for w in kept[:-1]:
-                forwards[str(w)] = _forward(build, [*widths[:i], w, *widths[i + 1 :]], x, form, n_threads)
-            timed = compare_latency(forwards, rounds=rounds, device=device)
-            full = timed["full"].ms
-            full_times.append(full)
-            # each width relative to the full model of the same rounds: drift between layers cancels
+            variants = {w: [*widths[:i], w, *widths[i + 1 :]] for w in reversed(kept)}  # full width first
+            if full_shapes:
+                timed = _operator_times(
+                    build, variants, full_shapes, input_shape, batch, form, rounds, device
+                )
+            else:
+                timed = _model_times(build, variants, x, form, n_threads, rounds, device)
+            # each width's change from the full width, as the median per-round ratio: drift cancels
+            reference = timed[widths[i]].ms
+            deltas.append([reference / timed[w].speedup - reference for w in kept])
             steps.append(kept)
-            ms.append([full / timed[str(w)].speedup for w in kept[:-1]] + [full])
             progress(f"{name}: {len(kept)} widths")
-    full_ms = float(np.median(full_times))
-    scale = [full_ms / f for f in full_times]  # every layer's row on the common full-model time
-    rows = [[float(t * s) for t in row] for row, s in zip(ms, scale, strict=True)]
+        full = compare_latency({"full": _forward(build, widths, x, form, n_threads)}, rounds, device=device)
+        full_ms = full["full"].ms
+        rows = [[full_ms + d for d in row] for row in deltas]
     return LatencyTable(
-        arch,
-        str(device),
-        in_effect,
-        batch,
-        form,
-        list(input_shape),
-        full_ms,
-        layers,
-        list(widths),
-        steps,
-        rows,
-    )
+        arch, str(device), in_effect, batch, form, list(input_shape), full_ms, layers, list(widths),
+        steps, rows,
+    )  # fmt: skip
+
+
+def _operator_times(
+    build: Builder,
+    variants: dict[int, list[int]],
+    full_shapes: dict[str, ConvShape],
+    input_shape: list[int],
+    batch: int,
+    form: str,
+    rounds: int,
+    device: torch.device,
+) -> dict:
+    shapes = {w: conv_shapes(build(v), input_shape) for w, v in variants.items()}
+    changed = sorted({n for s in shapes.values() for n in s if s[n] != full_shapes[n]})
+    channels_last = form == "folded_channels_last"
+    forwards = {
+        w: ConvOperators([s[n] for n in changed], batch, channels_last, device) for w, s in shapes.items()
+    }
+    return compare_latency(forwards, rounds=rounds, device=device)
+
+
+def _model_times(
+    build: Builder,
+    variants: dict[int, list[int]],
+    x: torch.Tensor,
+    form: str,
+    n_threads: int | None,
+    rounds: int,
+    device: torch.device,
+) -> dict:
+    forwards = {w: _forward(build, v, x, form, n_threads) for w, v in variants.items()}
+    return compare_latency(forwards, rounds=rounds, device=device)
 
 
 def measure_models(
