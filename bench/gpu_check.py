@@ -35,6 +35,9 @@ PROFILES = {
         "fit_dca": {"max_images": 1000},
         "distill": {"epochs": 1, "refit_every": 1},
         "evaluate": {"bn_recalibration_batches": 5, "latency_rounds": 5},
+        # the latency budget on the GPU: its table timed with CUDA, batch 64
+        "latency": {"device": "cuda", "batch_size": 64, "rounds": 5},
+        "prune": {"budget": "latency_target", "latency_target": 0.8},
     },
     "default": {},
 }

@@ -36,4 +36,6 @@ fi
 # the performance figures on the GPU (bench/results/*_cuda.json): statistics pass vs inference, student speed-up
 "$PY" -m bench.stats_overhead --device cuda
 "$PY" -m bench.student_speedup --device cuda --forms eager folded folded_channels_last --rounds 20
+# the latency table's prediction on the GPU (batch sizes where a GPU serves): latency_table_cuda.json
+"$PY" -m bench.latency_table --device cuda --batch-sizes 64 256 --repeats 2
 exec "$PY" bench/gpu_check.py --out "$OUT"

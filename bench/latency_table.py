@@ -13,7 +13,7 @@ The table and the check are measured `--repeats` times (this machine's speed dri
 Writes bench/results/latency_table.json.
 
     python -m bench.latency_table [--arch resnet20] [--batch-sizes 1 64] [--step 8] [--threads 2]
-                                  [--repeats 3]
+                                  [--repeats 3] [--device cuda]  (-> bench/results/latency_table_cuda.json)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from bench.common import markdown_table, reported, target, write_result
+from cdc.device import resolve_device
 from cdc.flops import count_macs
 from cdc.latency_model import OPERATOR_FORMS, measure_models, measure_table
 from cdc.models import build_model
@@ -61,11 +62,14 @@ def main() -> None:
     parser.add_argument("--form", default="folded")
     parser.add_argument("--step", type=int, default=8, help="kept-width step of the table (prune.round_to)")
     parser.add_argument("--random", type=int, default=6, help="random width vectors checked")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:N]: the target the table is of")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds per table row")
     parser.add_argument("--check-rounds", type=int, default=20, help="interleaved rounds of the check")
     parser.add_argument("--repeats", type=int, default=3, help="table and check measured this many times")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    n_threads = args.threads if device.type == "cpu" else None
 
     torch.manual_seed(0)
     full = build_model(args.arch, 10, INPUT_SHAPE[0])
@@ -82,11 +86,11 @@ def main() -> None:
         start = time.perf_counter()
         table = measure_table(
             build, args.arch, names, widths, INPUT_SHAPE, batch, args.step, args.form,
-            n_threads=args.threads, rounds=args.rounds,
+            device=device, n_threads=n_threads, rounds=args.rounds,
         )  # fmt: skip
         table_s = time.perf_counter() - start
         measured = measure_models(
-            build, vectors, INPUT_SHAPE, batch, args.form, n_threads=args.threads, rounds=args.check_rounds
+            build, vectors, INPUT_SHAPE, batch, args.form, device, n_threads, rounds=args.check_rounds
         )
         errors, flops_errors = [], []
         for name, w in vectors.items():
@@ -139,12 +143,13 @@ def main() -> None:
         )
     print(markdown_table(ROW_HEADER, rows))
     write_result(
-        "latency_table",
+        "latency_table" if device.type == "cpu" else f"latency_table_{device.type}",
         {
             "arch": args.arch,
             "form": args.form,
             "step": args.step,
-            "threads": args.threads,
+            "device": str(device),
+            "threads": n_threads,
             "method": "operators" if args.form in OPERATOR_FORMS else "whole model",
             "rows": records,
         },

@@ -80,7 +80,7 @@ def build_pipeline(
                 if stage.persist:
                     kwargs[CHECKPOINT_ROOT_INPUT] = arg[CHECKPOINT_ROOT_INPUT]
                 task = component_of[stage.name](**kwargs)
-                configure_task(task, stage, pods, arg["s3_credentials_secret"])
+                configure_task(task, stage, pods, arg["s3_credentials_secret"], params)
                 produced.update({path: task.outputs[name] for name, path in stage.outputs.items()})
 
     cdc_pipeline.__signature__ = signature  # type: ignore[attr-defined]
@@ -92,10 +92,16 @@ def build_pipeline(
     return dsl.pipeline(name=PIPELINE_NAME)(cdc_pipeline)
 
 
-def configure_task(task: dsl.PipelineTask, stage: Stage | None, pods: PodSettings, s3_secret: Any) -> None:
+def configure_task(
+    task: dsl.PipelineTask,
+    stage: Stage | None,
+    pods: PodSettings,
+    s3_secret: Any,
+    params: Params | None = None,
+) -> None:
     """Resources, placement, retries, caching and the environment a task gets on the cluster
     (`stage` None: a task that runs no stage, the raw_uri check or the exit task: never cached)."""
-    gpus = pods.gpus_of(stage) if stage else 0
+    gpus = pods.gpus_of(stage, params.get if params else None) if stage else 0
     if gpus:
         cpu, memory = pods.cpu_per_gpu * gpus, pods.memory_gb_per_gpu * gpus + pods.shm_gb
         task.set_accelerator_type(pods.accelerator).set_accelerator_limit(gpus)

@@ -3,6 +3,7 @@ recompile) compiles into the spec. No KFP import here: the CLI builds its option
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from components.stages import Stage
@@ -61,6 +62,9 @@ class PodSettings:
         if self.gpus < 1:
             raise ValueError(f"gpus {self.gpus}: a model task needs at least one")
 
-    def gpus_of(self, stage: Stage) -> int:
-        """GPUs of `stage`'s task: `gpus` for a multi-process stage, one for the other model stages."""
+    def gpus_of(self, stage: Stage, device_of: Callable[[str], object] | None = None) -> int:
+        """GPUs of `stage`'s task: `gpus` for a multi-process stage, one for the other model stages and
+        for a stage whose own device param (`device_of(key)`, the compiled params) names CUDA."""
+        if stage.device_key:
+            return int(device_of is not None and str(device_of(stage.device_key)).startswith("cuda"))
         return (self.gpus if stage.distributed else 1) if stage.runs_model else 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cdc.latency_model import LatencyTable
 from tests.conftest import RAW, REPO, clean_env, run_ok
 from tests.workspace import run_here
 from tools.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
@@ -132,3 +133,18 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     assert run_here(report_only, REPO, env).returncode == 0
     assert (plots / "tiny_student_test.png").stat().st_size > 0
     assert "![after fine-tune](results/tiny_student_test.png)" in out.read_text()
+
+    # matched by latency: the budgets are fractions of the latency a table measured here predicts; the
+    # same workspace, so DVC reuses the teacher, statistics and scores
+    by_latency = [*cmd[:6], "--methods", "cdc", "--match", "latency", "--workspace", str(tmp_path / "ws")]
+    by_latency += ["--out", str(tmp_path / "docs" / "latency.md"), "--raw", str(RAW)]
+    proc = subprocess.run(by_latency, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    matched = json.loads((plots / "compare_tiny_latency_matched.json").read_text())
+    table = LatencyTable.load(plots / "compare_tiny_latency_matched_table.json")
+    assert table is not None and sorted(r["flops_removed"] for r in matched) == [0.5, 0.6]
+    for r in matched:
+        assert r["match"] == "latency" and r["kept_ratio"] == table.predict(r["widths"]) / table.full_ms
+        assert abs(r["kept_ratio"] - (1 - r["flops_removed"])) <= 0.02
+    assert "| predicted latency cut (target → achieved) |" in (tmp_path / "docs" / "latency.md").read_text()
+    assert (plots / "tiny_latency_matched_pruned_test.png").stat().st_size > 0  # beside the FLOPs-matched

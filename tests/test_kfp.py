@@ -167,6 +167,18 @@ def resources_of(spec: dict, stage: str) -> tuple[dict, dict]:
     ]
 
 
+def test_the_latency_table_task_gets_a_gpu_when_its_target_is_cuda(tmp_path: Path):
+    """The latency table is timed on `latency.device`, not `runtime`'s: a CUDA target asks for a GPU."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["latency"]["device"] = "cuda"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    spec = load_spec(compile_pipeline(tmp_path / "p.yaml", tmp_path / "params.yaml", PodSettings()))
+    resources, _ = resources_of(spec, "latency_table")
+    assert resources["accelerator"]["resourceCount"] == "1"
+    default = load_spec(compile_pipeline(tmp_path / "d.yaml", REPO / "params.yaml", PodSettings()))
+    assert "accelerator" not in resources_of(default, "latency_table")[0]
+
+
 def test_gpu_pool_settings_compile_into_the_spec_where_they_belong(tmp_path: Path):
     """Tolerations, a node selector, /dev/shm and the GPU count go to the GPU tasks only; GPUs: the count on
     the multi-process stages, one on the other model stages, none elsewhere; CPUs and memory scale with

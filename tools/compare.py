@@ -28,16 +28,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from components import stage_server
+
+if TYPE_CHECKING:
+    from cdc.latency_model import LatencyTable
 
 log = logging.getLogger("cdc.compare")
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +134,7 @@ PROFILES: dict[str, dict] = {
             "fit_dca": {"max_images": 200},
             "distill": {"epochs": 1, "batch_size": 64, "refit_every": 1, "bn_recalibration_batches": 3},
             "evaluate": {"bn_recalibration_batches": 3, "latency_batch_sizes": [8], "latency_rounds": 3},
+            "latency": {"batch_size": 8, "rounds": 3},  # the table of --match latency
         },
         "flops_removed": [0.5, 0.6],
         "finetune_removed": [0.5],
@@ -173,20 +179,58 @@ def _widths_flops(arch: str, num_classes: int, input_shape: tuple[int, ...], wid
     return count_macs(build_model(arch, num_classes, input_shape[0], list(widths)), input_shape)
 
 
-def uniform_ratio_for(arch: str, num_classes: int, input_shape: tuple[int, ...], removed: float) -> float:
-    """The uniform per-layer removal ratio whose pruned model keeps closest to 1 - `removed` of the FLOPs."""
+def uniform_ratio_for(
+    arch: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    removed: float,
+    cost: Callable[[list[int]], float] | None = None,
+) -> float:
+    """The uniform per-layer removal ratio whose pruned model keeps closest to 1 - `removed` of the
+    cost: FLOPs, or another function of the widths (a latency table's prediction)."""
     from cdc.models import build_model
     from cdc.pruning import keep_counts
 
     model = build_model(arch, num_classes, input_shape[0])
     names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
-    full = _widths_flops(arch, num_classes, input_shape, tuple(widths))
+    cost = cost or (lambda w: _widths_flops(arch, num_classes, input_shape, tuple(w)))
+    full = cost(widths)
     best = (float("inf"), 0.0)
     for ratio in np.arange(0.0, 0.96, 0.0025):
         keep = keep_counts("uniform", names, widths, {"ratio": float(ratio), "round_to": 1})
-        kept = _widths_flops(arch, num_classes, input_shape, tuple(keep)) / full
-        best = min(best, (abs(kept - (1 - removed)), round(float(ratio), 4)))
+        best = min(best, (abs(cost(keep) / full - (1 - removed)), round(float(ratio), 4)))
     return best[1]
+
+
+def latency_table(profile: dict, raw: Path, path: Path) -> LatencyTable:
+    """The profile architecture's latency table on this machine (the profile's `latency` params, all
+    cores), measured before any cell runs and kept at `path`; a kept table of the same target is reused."""
+    from cdc.device import resolve_device
+    from cdc.latency_model import LatencyTable, measure_table
+    from cdc.models import build_model
+
+    arch, shape, n_classes = teacher_shape(profile, raw)
+    target = cell_params(profile, METHODS[0], 0, 0.0)["latency"]
+    device = resolve_device(target["device"])
+    model = build_model(arch, n_classes, shape[0])
+    names, widths = [layer.name for layer in model.prunable_layers()], model.prunable_widths()
+    if path.exists():
+        table = LatencyTable.load(path)
+        if (
+            table
+            and table.widths == widths
+            and (table.batch, table.form) == (target["batch_size"], target["form"])
+        ):
+            return table
+    log.info("measuring the latency table of %s on %s, batch %d", arch, device, target["batch_size"])
+    table = measure_table(
+        lambda w: build_model(arch, n_classes, shape[0], w),
+        arch, names, widths, list(shape), target["batch_size"], target["step"], target["form"],
+        device=device, n_threads=target["threads"] or os.cpu_count(), rounds=target["rounds"],
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    return table
 
 
 def cell_params(profile: dict, method: Method, seed: int, ratio: float, fine_tune: bool = True) -> dict:
@@ -336,16 +380,20 @@ def run_matrix(
     rows_path: Path,
     raw: Path,
     jobs: int,
+    table: LatencyTable | None = None,
 ) -> list[dict]:
     """Run the cells not yet in `rows_path`: one worker per teacher seed (its own workspace under
-    `workspace`), `jobs` at a time, each with an equal share of the CPU threads."""
+    `workspace`), `jobs` at a time, each with an equal share of the CPU threads. With a latency `table`,
+    the budgets are fractions of its predicted latency instead of FLOPs."""
     profile = PROFILES[profile_name]
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
     # a pruned-only row is done unless the profile now fine-tunes that cell (the fine-tuned row replaces it)
     done = {(r["method"], r["flops_removed"], r["seed"], r.get("fine_tuned", True)) for r in rows}
     arch, shape, n_classes = teacher_shape(profile, raw)
+    cost = table.predict if table else None
     ratios = {
-        removed: uniform_ratio_for(arch, n_classes, shape, removed) for removed in profile["flops_removed"]
+        removed: uniform_ratio_for(arch, n_classes, shape, removed, cost)
+        for removed in profile["flops_removed"]
     }
     threads = max(1, (os.cpu_count() or 1) // jobs)
     import torch
@@ -380,6 +428,8 @@ def run_matrix(
         row = run_cell(ws, env, cell_params(profile, method, seed, ratio, fine_tune), fine_tune)
         row.update(method=method.name, flops_removed=removed, seed=seed, ratio=ratio, threads=threads)
         row.update(fine_tuned=fine_tune)
+        if table:  # `flops_removed` is then the predicted latency removed
+            row.update(match="latency", kept_ratio=table.predict(row["widths"]) / table.full_ms)
         with lock:
             finished += 1
             replaced = [
@@ -501,6 +551,14 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         help="teacher seeds run at once, each in its own workspace with cores/jobs threads "
         "(default: all seeds of the profile)",
     )
+    p.add_argument(
+        "--match",
+        choices=("flops", "latency"),
+        default="flops",
+        help="what each budget is a fraction of: FLOPs, or the latency a table measured on this machine "
+        "predicts (the profile's `latency` params: batch size, form; rows in compare_<profile>_latency_"
+        "matched.json, the table beside them); default: %(default)s",
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the saved rows")
 
 
@@ -508,26 +566,36 @@ def run_compare(args: argparse.Namespace) -> int:
     from tools.compare_report import write_report
 
     profile = PROFILES[args.profile]
-    rows_path = args.out.parent / "results" / f"compare_{args.profile}.json"
+    suffix = "_latency_matched" if args.match == "latency" else ""
+    rows_path = args.out.parent / "results" / f"compare_{args.profile}{suffix}.json"
     methods = [METHOD_BY_NAME[m] for m in args.methods]
     if not args.report_only:
         if not args.raw.exists():
             raise FileNotFoundError(f"raw data {args.raw} not found: run `make data` first")
         jobs = args.jobs or len(profile["seeds"])
-        run_matrix(args.profile, methods, args.workspace.resolve(), rows_path, args.raw.resolve(), jobs)
+        table = None
+        if args.match == "latency":
+            table = latency_table(
+                profile, args.raw.resolve(), rows_path.with_name(f"{rows_path.stem}_table.json")
+            )
+        run_matrix(
+            args.profile, methods, args.workspace.resolve(), rows_path, args.raw.resolve(), jobs, table
+        )
     rows = json.loads(rows_path.read_text())
-    latency_path = rows_path.with_name(f"compare_{args.profile}_latency.json")
+    latency_path = rows_path.with_name(f"{rows_path.stem}_latency.json")
     if not args.report_only:
         latency_path.write_text(json.dumps(measure_latency(profile, rows, args.raw.resolve()), indent=1))
     latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
     command = f"cdc compare --profile {args.profile}" + (
         "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
     )
+    command += "" if args.match == "flops" else " --match latency"
     meta = {
         "date": date.today().isoformat(),
         "machine": machine_line(),
         "command": command,
         "profile": args.profile,
+        "rows": rows_path.name,
         "about": profile["about"],
         "finetune_removed": profile["finetune_removed"],
         "finetune_everywhere": [m for m in profile.get("finetune_everywhere", []) if m in args.methods],

@@ -25,6 +25,22 @@ def fine_tuned(row: dict) -> bool:
     return row.get("fine_tuned", True)
 
 
+def matched(rows: list[dict]) -> str:
+    """What the budgets match across methods: `FLOPs`, or with `cdc compare --match latency` the
+    latency the table measured on this machine predicts."""
+    return "predicted latency" if rows and rows[0].get("match") == "latency" else "FLOPs"
+
+
+def fewer(rows: list[dict]) -> str:
+    """`fewer FLOPs` or `less predicted latency`."""
+    return "fewer FLOPs" if matched(rows) == "FLOPs" else f"less {matched(rows)}"
+
+
+def kept(row: dict) -> float:
+    """The fraction of the matched cost the cell's widths keep."""
+    return row.get("kept_ratio", row["flops_ratio"])
+
+
 def _by_cell(rows: list[dict]) -> dict[tuple[str, float], dict[int, dict]]:
     cells: dict[tuple[str, float], dict[int, dict]] = defaultdict(dict)
     for r in rows:
@@ -42,7 +58,7 @@ def method_table(rows: list[dict], methods: list, budgets: list[float], latency:
     cells = _by_cell(rows)
     sizes = " / ".join(f"b{bs}" for bs in next(iter(latency.values()), {}).get("batch", {})) or "–"
     lines = [
-        "| FLOPs cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
+        f"| {matched(rows)} cut (target → achieved) | method | pruned test acc (%) | pruned val acc (%) | "
         f"student test acc (%) | Δ student − teacher (points) | params cut | speed-up {sizes} | teachers |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -56,7 +72,7 @@ def method_table(rows: list[dict], methods: list, budgets: list[float], latency:
             spread = np.std(delta, ddof=1) if len(delta) > 1 else 0.0
             delta_text = f"{np.mean(delta):+.2f} ± {spread:.2f}" if delta else "–"
             lines.append(
-                f"| {100 * removed:.0f}% → {100 * (1 - runs[0]['flops_ratio']):.1f}% | {m.label} | "
+                f"| {100 * removed:.0f}% → {100 * (1 - kept(runs[0])):.1f}% | {m.label} | "
                 f"{_mean_std([r['pruned_test'] for r in runs])} | "
                 f"{_mean_std([r['pruned_val'] for r in runs])} | "
                 f"{_mean_std([r['student_test'] for r in tuned])} | {delta_text} | "
@@ -85,7 +101,7 @@ def paired_table(rows: list[dict], methods: list, budgets: list[float]) -> str:
     cells = _by_cell(rows)
     baselines = [m for m in methods if m.data_free]
     lines = [
-        "| FLOPs cut | method | best data-free baseline | Δ after pruning (points) | "
+        f"| {matched(rows)} cut | method | best data-free baseline | Δ after pruning (points) | "
         "Δ after fine-tune (points) | teachers where the method wins (after fine-tune, else after pruning) |",
         "|---|---|---|---|---|---|",
     ]
@@ -141,7 +157,8 @@ def plot_fine_tuned(rows: list[dict], methods: list, budgets: list[float], path:
         teachers = [r["teacher_test"] for r in rows]
         ax.axvline(100 * np.mean(teachers), color="k", lw=0.8, ls=":", label="teacher (mean)")
         ax.set_title(
-            f"after fine-tune, {100 * removed:.0f}% fewer FLOPs: mean ± std over teachers", fontsize=9
+            f"after fine-tune, {100 * removed:.0f}% {fewer(rows)}: mean ± std over teachers",
+            fontsize=9,
         )
         ax.set_xlabel("test accuracy (%)")
         ax.grid(alpha=0.3)
@@ -164,7 +181,7 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
                 r for r in cells.get((m.name, removed), {}).values() if key == "pruned_test" or fine_tuned(r)
             ]
             if runs:
-                xs.append(100 * runs[0]["flops_ratio"])
+                xs.append(100 * kept(runs[0]))
                 ys.append(100 * np.mean([r[key] for r in runs]))
                 es.append(100 * np.std([r[key] for r in runs]))
         if xs:
@@ -174,7 +191,7 @@ def plot(rows: list[dict], methods: list, key: str, title: str, path: Path) -> N
             )  # fmt: skip
     teachers = [r["teacher_test"] for r in rows]
     ax.axhline(100 * np.mean(teachers), color="k", lw=0.8, ls=":", label="teacher (mean)")
-    ax.set_xlabel("FLOPs kept (% of the teacher)")
+    ax.set_xlabel(f"{matched(rows)} kept (% of the teacher)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.legend(fontsize=7)
@@ -245,23 +262,25 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
     plot_dir = out.parent / "results"
     plot_dir.mkdir(parents=True, exist_ok=True)
     name = meta["profile"]
+    rows_file = meta.get("rows", f"compare_{name}.json")
+    prefix = Path(rows_file).stem.removeprefix("compare_")  # the plots' names: the profile, how matched
     plot(rows, methods, "pruned_test", f"{STAGES['pruned_test']}, mean ± std over teachers",
-         plot_dir / f"{name}_pruned_test.png")  # fmt: skip
+         plot_dir / f"{prefix}_pruned_test.png")  # fmt: skip
     # curves for the methods fine-tuned at several budgets, every method at the budgets all are fine-tuned at
     curves = [
         m
         for m in methods
         if len({r["flops_removed"] for r in rows if r["method"] == m.name and fine_tuned(r)}) > 1
     ]
-    plots = [f"![after pruning](results/{name}_pruned_test.png)"]
+    plots = [f"![after pruning](results/{prefix}_pruned_test.png)"]
     if curves:
         plot(rows, curves, "student_test", "after fine-tune, mean ± std over teachers",
-             plot_dir / f"{name}_student_test.png")  # fmt: skip
-        plots.append(f"![after fine-tune](results/{name}_student_test.png)")
+             plot_dir / f"{prefix}_student_test.png")  # fmt: skip
+        plots.append(f"![after fine-tune](results/{prefix}_student_test.png)")
     common = meta.get("finetune_removed") or []
     if common:
-        plot_fine_tuned(rows, methods, common, plot_dir / f"{name}_student_test_all.png")
-        plots.append(f"![after fine-tune, every method](results/{name}_student_test_all.png)")
+        plot_fine_tuned(rows, methods, common, plot_dir / f"{prefix}_student_test_all.png")
+        plots.append(f"![after fine-tune, every method](results/{prefix}_student_test_all.png)")
     latency = meta.get("latency", {})
     rerun = [r for r in rows if "replaces_pruned_test" in r]
     same = sum(r["replaces_pruned_test"] == r["pruned_test"] for r in rerun)
@@ -283,16 +302,16 @@ def write_report(rows: list[dict], methods: list, out: Path, meta: dict) -> None
 
 Produced by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); {len(rows)} cells whose
 wall times sum to {wall / 60:.0f} min, {jobs} teachers' cells running at once. Profile `{name}`:
-{meta["about"]}. Raw rows: `docs/results/compare_{name}.json`.{reproduced}
+{meta["about"]}. Raw rows: `docs/results/{rows_file}`.{reproduced}
 
 Each fine-tuned cell is a `dvc repro` of the whole pipeline; a cell without fine-tune is
 `dvc repro prune` followed by the evaluate stage's own BN recalibration and accuracy functions (a
 test pins them to the stage's output). Within a budget every method prunes to the *same widths* (one
-uniform per-layer ratio solved for the FLOPs target), so FLOPs and params are identical across
-methods; every fine-tuned method gets the same fine-tune (epochs, schedule, seed): KD + DCA as in
-CDC, except "CDC without DCA" (KD only) and the cross-entropy-only row (labels only: the three
+uniform per-layer ratio solved for the {matched(rows)} target), so FLOPs, params and latency are
+identical across methods; every fine-tuned method gets the same fine-tune (epochs, schedule, seed):
+KD + DCA as in CDC, except "CDC without DCA" (KD only) and the cross-entropy-only row (labels only: the three
 distillation modes of the ablation on the same pruned models). Every method is fine-tuned at
-{tuned_budgets} fewer FLOPs; {everywhere} at every budget. Teachers' test accuracy: {teacher_text}.
+{tuned_budgets} {fewer(rows)}; {everywhere} at every budget. Teachers' test accuracy: {teacher_text}.
 Accuracies are mean ± std over the teachers; Δ is computed per teacher, then averaged.
 
 Profile params over the defaults:

@@ -44,6 +44,8 @@ class Stage:
     param_paths: dict[str, str] = field(default_factory=dict)
     # runs as several processes under torchrun (`--nproc`): sharded sums or DistributedDataParallel
     distributed: bool = False
+    # a stage that runs on a device of its own (not `runtime`'s): the params key naming it
+    device_key: str | None = None
 
     def __post_init__(self) -> None:
         if set(self.kinds) != set(self.outputs) or not set(self.kinds.values()) <= set(ARTIFACT_KINDS):
@@ -140,6 +142,7 @@ STAGES: list[Stage] = [
         outputs={"table": LATENCY_TABLE},
         kinds={"table": "artifact"},
         params=("latency", "prune.budget"),
+        device_key="latency.device",
     ),
     Stage(
         "prune",
