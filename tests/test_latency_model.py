@@ -123,3 +123,27 @@ def test_an_unreachable_latency_target_names_the_key():
             {"latency_target": 0.1, "sensitivity_step": 0.05},
             probe,
         )
+
+
+def test_a_layers_operators_include_the_depthwise_conv_its_width_sets():
+    """MobileNetV2 (discovered, not registered): narrowing an expansion conv changes that conv, the
+    depthwise conv after it (its channels and groups) and the projection reading it; nothing else."""
+    from cdc.latency_model import conv_shapes
+    from cdc.models import Imported
+
+    imported = Imported(image_size=(32, 32))
+    full = build_model("torchvision.models:mobilenet_v2", 10, 3, imported=imported)
+    widths = full.prunable_widths()
+    names = [layer.name for layer in full.prunable_layers()]
+    i = names.index("features.2.conv.0.0")  # block 2's expansion conv (1x1, 16 -> 96)
+    narrowed = build_model(
+        "torchvision.models:mobilenet_v2", 10, 3, [*widths[:i], 8, *widths[i + 1 :]], imported=imported
+    )
+    before, after = conv_shapes(full, (3, 32, 32)), conv_shapes(narrowed, (3, 32, 32))
+    changed = sorted(n for n in before if before[n] != after[n])
+    assert changed == ["features.2.conv.0.0", "features.2.conv.1.0", "features.2.conv.2"]
+    depthwise = after["features.2.conv.1.0"]
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == 8
+    assert (
+        after["features.2.conv.2"].in_channels == 8 and before["features.2.conv.2"].in_channels == widths[i]
+    )
