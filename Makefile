@@ -11,7 +11,7 @@ FMNIST_FILES := train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 IMAGE ?= cdc:$(VERSION)
 
-.PHONY: run test test-kernels reliability data lint bench compare ui dvc-yaml compile image push pull clean help
+.PHONY: run test test-kernels reliability data lint bench latency-budget compare ui dvc-yaml compile image push pull clean help
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
@@ -86,10 +86,13 @@ image:  ## build components/Dockerfile as IMAGE=registry/name:tag, push it and p
 ui: $(BIN)/cdc  ## the MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-BENCHES := stats_overhead train_overhead student_speedup pipeline_overhead scale stream_stats
+BENCHES := stats_overhead train_overhead student_speedup latency_table pipeline_overhead scale stream_stats
 bench: $(BIN)/cdc data  ## performance benchmarks (each prints a table, writes bench/results/*.json), then the summary
 	@for b in $(BENCHES); do echo "== python -m bench.$$b"; $(BIN)/python -m bench.$$b || exit 1; echo; done
 	@$(BIN)/python -m bench.summary
+
+latency-budget: $(BIN)/cdc data  ## the latency budget against the FLOPs budget, 3 teachers (about 1 h on 2 cores): docs/performance.md 3c
+	$(BIN)/python -m bench.latency_budget
 
 compare: $(BIN)/cdc data  ## docs/results.md as committed (about 3 h 20 min on 2 cores): cdc compare --profile extended, the ranking factors
 	$(BIN)/cdc compare --profile extended

@@ -185,68 +185,56 @@ def measure_table(
     rounds: int = 10,
     progress: Callable[[str], None] = lambda message: None,
 ) -> LatencyTable:
-    """The full model's time, then per layer its time at each `width_steps` width. In an OPERATOR_FORMS
-    form, a layer's row is the full time plus the change of the convs its width changes (its own, the
-    next layer's input, a depthwise conv's groups), those convs timed alone at each width, interleaved;
-    otherwise the whole model with that layer narrowed, interleaved with the full model."""
+    """The full model's time and, per layer and `width_steps` width, the model's time with that layer
+    alone at that width. In an OPERATOR_FORMS form, a layer's change is the change of the convs its width
+    changes (its own, the next conv's input, a depthwise conv's groups), timed alone at each width;
+    otherwise the whole model's with that layer narrowed. Either way the full model runs in the same
+    interleaved rounds, and a change is kept as a fraction of its time there."""
     device = device or torch.device("cpu")
     x = torch.rand(batch, *input_shape, device=device)
     with threads(n_threads) as in_effect, torch.no_grad():
+        model = _forward(build, widths, x, form, n_threads)
         full_shapes = conv_shapes(build(widths), input_shape) if form in OPERATOR_FORMS else {}
-        steps, deltas = [], []
+        steps, fractions, model_ms = [], [], []
         for i, name in enumerate(layers):
             kept = width_steps(widths[i], step)
             variants = {w: [*widths[:i], w, *widths[i + 1 :]] for w in reversed(kept)}  # full width first
             if full_shapes:
-                timed = _operator_times(
-                    build, variants, full_shapes, input_shape, batch, form, rounds, device
-                )
+                forwards = _operators(build, variants, full_shapes, input_shape, batch, form, device)
             else:
-                timed = _model_times(build, variants, x, form, n_threads, rounds, device)
-            # each width's change from the full width, as the median per-round ratio: drift cancels
-            reference = timed[widths[i]].ms
-            deltas.append([reference / timed[w].speedup - reference for w in kept])
+                forwards = {w: _forward(build, v, x, form, n_threads) for w, v in variants.items()}
+            # the full model is timed in the same rounds, so each change is a fraction of the model's time
+            # measured in the same seconds: this machine's speed drifts by tens of percent within a minute
+            timed = compare_latency({"model": model, **forwards}, rounds=rounds, device=device)
+            at_full = 1 / timed[widths[i]].speedup
+            fractions.append([1 / timed[w].speedup - at_full for w in kept])
+            model_ms.append(timed["model"].ms)
             steps.append(kept)
             progress(f"{name}: {len(kept)} widths")
-        full = compare_latency({"full": _forward(build, widths, x, form, n_threads)}, rounds, device=device)
-        full_ms = full["full"].ms
-        rows = [[full_ms + d for d in row] for row in deltas]
+        full_ms = float(np.median(model_ms))
+        rows = [[full_ms * (1 + f) for f in row] for row in fractions]
     return LatencyTable(
         arch, str(device), in_effect, batch, form, list(input_shape), full_ms, layers, list(widths),
         steps, rows,
     )  # fmt: skip
 
 
-def _operator_times(
+def _operators(
     build: Builder,
     variants: dict[int, list[int]],
     full_shapes: dict[str, ConvShape],
     input_shape: list[int],
     batch: int,
     form: str,
-    rounds: int,
     device: torch.device,
-) -> dict:
+) -> dict[int, ConvOperators]:
+    """Per width, the convs the layer's width changes (from the full model's), at that width."""
     shapes = {w: conv_shapes(build(v), input_shape) for w, v in variants.items()}
     changed = sorted({n for s in shapes.values() for n in s if s[n] != full_shapes[n]})
     channels_last = form == "folded_channels_last"
-    forwards = {
+    return {
         w: ConvOperators([s[n] for n in changed], batch, channels_last, device) for w, s in shapes.items()
     }
-    return compare_latency(forwards, rounds=rounds, device=device)
-
-
-def _model_times(
-    build: Builder,
-    variants: dict[int, list[int]],
-    x: torch.Tensor,
-    form: str,
-    n_threads: int | None,
-    rounds: int,
-    device: torch.device,
-) -> dict:
-    forwards = {w: _forward(build, v, x, form, n_threads) for w, v in variants.items()}
-    return compare_latency(forwards, rounds=rounds, device=device)
 
 
 def measure_models(
