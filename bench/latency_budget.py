@@ -213,22 +213,25 @@ def main() -> None:
 
     base = merge(PROFILES[args.profile]["params"], SETTINGS[args.profile])
     out_path = RESULTS / "latency_budget.json"
-    rows: list[dict] = []
-    tables: dict[int, LatencyTable] = {}
+    saved = args.workdir / "rows.json"  # rows as cells finish: an interrupted run resumes
+    rows: list[dict] = json.loads(saved.read_text()) if saved.exists() else []
     for seed in args.seeds:
         ws = args.workdir / f"seed{seed}"
         ws.mkdir(parents=True, exist_ok=True)
         env = make_workspace(ws, args.raw)
         for budget, values in BUDGETS.items():
             for value in values:
-                params = merge(
-                    base, {"seed": seed, "latency": LATENCY, "prune": {"budget": budget, budget: value}}
-                )
+                if any((r["seed"], r["budget"], r["target"]) == (seed, budget, value) for r in rows):
+                    continue
+                prune = {"budget": budget, budget: value}
+                params = merge(base, {"seed": seed, "latency": LATENCY, "prune": prune})
                 row = {"seed": seed, "budget": budget, "target": value, **cell(ws, env, params)}
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
                 if budget == "latency_target":
-                    tables[seed] = LatencyTable.load(ws / "data/latency/table.json")
+                    row["table"] = json.loads((ws / "data/latency/table.json").read_text())
+                rows.append(row)
+                saved.write_text(json.dumps(rows, indent=1))
+                print(json.dumps({k: v for k, v in row.items() if k not in ("widths", "table")}), flush=True)
+    tables = {r["seed"]: LatencyTable.load_record(r.pop("table")) for r in rows if "table" in r}
     matches = matched(rows)
     plot_tables(tables, RESULTS / "latency_budget_table.png")
     plot_students(rows, RESULTS / "latency_budget_students.png")

@@ -79,7 +79,12 @@ class LatencyTable:
     @classmethod
     def load(cls, path: Path) -> LatencyTable | None:
         """The table at `path`, or None where the stage measured none (`save_unmeasured`)."""
-        record = json.loads(Path(path).read_text())
+        return cls.load_record(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def load_record(cls, record: dict) -> LatencyTable | None:
+        """A table from its saved JSON object (None: a stub saying why none was measured)."""
+        record = dict(record)
         if not record.pop("measured", True):
             return None
         return cls(**record)
