@@ -113,6 +113,7 @@ def main() -> None:
                     "measured_ms": measured[name],
                     "predicted_ms": predicted,
                     "table_full_ms": table.full_ms,
+                    "table_additivity": table.additivity,
                     "check_full_ms": measured["full"],
                     "error": error,
                     "flops_prediction_error": flops_error,
@@ -126,7 +127,8 @@ def main() -> None:
             )  # fmt: skip
         print(markdown_table(ROW_HEADER, rows[-len(errors) :]), flush=True)
         print(
-            f"batch {batch}: {sum(len(s) for s in table.steps)} table entries measured in {table_s:.0f} s\n"
+            f"batch {batch}: {sum(len(s) for s in table.steps)} table entries measured in {table_s:.0f} s, "
+            f"additivity {table.additivity:.2f}\n"
         )
     for batch in args.batch_sizes:
         errors = [abs(r["error"]) for r in records if r["batch_size"] == batch]
