@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cdc.latency_model import LatencyTable
+from cdc.pruning import keep_counts
 from tests.conftest import RAW, REPO, clean_env, run_ok
 from tests.workspace import run_here
 from tools.compare import METHOD_BY_NAME, PROFILES, cell_params, uniform_ratio_for
@@ -143,8 +144,14 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     matched = json.loads((plots / "compare_tiny_latency_matched.json").read_text())
     table = LatencyTable.load(plots / "compare_tiny_latency_matched_table.json")
     assert table is not None and sorted(r["flops_removed"] for r in matched) == [0.5, 0.6]
+    names = [f"layer{s}.{b}" for s in (1, 2, 3) for b in (0, 1, 2)]
+    reachable = [  # every uniform cut's predicted fraction (a small batch's table has a high floor)
+        table.predict(keep_counts("uniform", names, table.widths, {"ratio": x / 100})) / table.full_ms
+        for x in range(96)
+    ]
     for r in matched:
         assert r["match"] == "latency" and r["kept_ratio"] == table.predict(r["widths"]) / table.full_ms
-        assert abs(r["kept_ratio"] - (1 - r["flops_removed"])) <= 0.02
+        target = 1 - r["flops_removed"]
+        assert abs(r["kept_ratio"] - target) <= min(abs(k - target) for k in reachable) + 0.01
     assert "| predicted latency cut (target → achieved) |" in (tmp_path / "docs" / "latency.md").read_text()
     assert (plots / "tiny_latency_matched_pruned_test.png").stat().st_size > 0  # beside the FLOPs-matched

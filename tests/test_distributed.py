@@ -60,6 +60,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ["train_teacher"],
             ["dump_stats"],
             ["score"],
+            ["latency_table"],
             ["prune"],
         ):
             assert main(stage) == 0, stage

@@ -105,7 +105,7 @@ def test_one_typed_component_per_stage_with_gpu_only_where_a_model_runs(spec: di
             )
         for name, kind in stage.kinds.items():
             assert outputs[name]["artifactType"]["schemaTitle"] == f"system.{ARTIFACT_TYPES[kind].__name__}"
-        assert set(comp["inputDefinitions"]["parameters"]) >= set(stage.params)
+        assert set(comp["inputDefinitions"]["parameters"]) >= set(stage.sections)
         container = executors[f"exec-{task_name(stage.name)}"]["container"]
         assert container["image"] == DEFAULT_IMAGE
         assert f"run_component({stage.name!r}, arguments)" in container["command"][-1]

@@ -54,7 +54,11 @@ class LineageError(InputError):
 
 
 def lock_stages(text: str | None) -> dict[str, Any]:
-    return (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
+    """A dvc.lock's stages in the stage list's order (DVC appends a stage new to an existing dvc.lock at
+    its end; a stage the list no longer has stays, after the others)."""
+    stages = (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    return dict(sorted(stages.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def outs(entry: dict[str, Any]) -> dict[str, str]:
