@@ -13,20 +13,16 @@ from cdc.models import build_model
 from cdc.pruning import BudgetProbe, keep_counts
 
 
+def table_of(
+    full_ms: float, widths: list[int], steps: list[list[int]], ms: list[list[float]]
+) -> LatencyTable:
+    """A hand-made table of layers a, b, c, ... on one target."""
+    layers = [chr(ord("a") + i) for i in range(len(widths))]
+    return LatencyTable("x", "cpu", 1, 64, "folded", [1, 28, 28], full_ms, layers, widths, steps, ms)
+
+
 def hand_table() -> LatencyTable:
-    return LatencyTable(
-        arch="x",
-        device="cpu",
-        threads=1,
-        batch=64,
-        form="folded",
-        input_shape=[1, 28, 28],
-        full_ms=10.0,
-        layers=["a", "b"],
-        widths=[16, 32],
-        steps=[[8, 16], [8, 16, 24, 32]],
-        ms=[[9.0, 10.0], [6.0, 8.0, 9.5, 10.0]],
-    )
+    return table_of(10.0, [16, 32], [[8, 16], [8, 16, 24, 32]], [[9.0, 10.0], [6.0, 8.0, 9.5, 10.0]])
 
 
 def test_prediction_is_the_full_time_plus_each_layers_change():
@@ -71,19 +67,9 @@ def test_a_measured_table_covers_every_layer_and_step():
 
 def stepped_table() -> LatencyTable:
     """Three layers; the last one's kernels step: 24 channels cost what 32 do (a real CPU's pattern)."""
-    return LatencyTable(
-        arch="x",
-        device="cpu",
-        threads=1,
-        batch=64,
-        form="folded",
-        input_shape=[1, 28, 28],
-        full_ms=30.0,
-        layers=["a", "b", "c"],
-        widths=[16, 32, 32],
-        steps=[[8, 16], [8, 16, 24, 32], [8, 16, 24, 32]],
-        ms=[[26.0, 30.0], [24.0, 26.0, 28.0, 30.0], [22.0, 29.0, 30.0, 30.0]],
-    )
+    steps = [[8, 16], [8, 16, 24, 32], [8, 16, 24, 32]]
+    ms = [[26.0, 30.0], [24.0, 26.0, 28.0, 30.0], [22.0, 29.0, 30.0, 30.0]]
+    return table_of(30.0, [16, 32, 32], steps, ms)
 
 
 def test_fast_widths_drop_a_width_no_faster_than_a_wider_one():
