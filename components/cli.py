@@ -58,8 +58,7 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
         if stage.distributed:
             p.add_argument(
                 "--nproc",
-                type=int,
-                default=int(os.environ.get(NPROC_ENV, "1")),
+                default=os.environ.get(NPROC_ENV, "1"),  # checked by process_count, one clear line
                 help=f"processes to run the stage as, launched by torchrun: one per GPU, or CPU processes "
                 f"with gloo (default: ${NPROC_ENV} or 1; already under torchrun: ignored)",
             )
@@ -80,6 +79,14 @@ def build_parser(extensions: dict[str, Extension] | None = None) -> argparse.Arg
 
 
 NPROC_ENV = "CDC_NPROC"  # how `dvc repro` runs the distributed stages as several processes
+
+
+def process_count(text: str) -> int:
+    """--nproc or $CDC_NPROC as a number of processes: a whole number >= 1 (0 would quietly run as one)."""
+    count = int(text) if text.strip().isdigit() else 0
+    if count < 1:
+        raise InputError(f"--nproc (or ${NPROC_ENV}) must be a whole number >= 1, got {text!r}")
+    return count
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
@@ -267,11 +274,10 @@ def main(argv: list[str] | None = None, extensions: dict[str, Extension] | None 
 
             sys.stdout.write(GENERATED_HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=120))
             return 0
-        if getattr(args, "nproc", 1) < 1:  # 0 would quietly run as one process
-            raise InputError(f"--nproc (or ${NPROC_ENV}) must be a whole number >= 1, got {args.nproc}")
+        args.nproc = process_count(getattr(args, "nproc", "1"))
         from cdc import distributed
 
-        if getattr(args, "nproc", 1) > 1 and not distributed.launched():
+        if args.nproc > 1 and not distributed.launched():
             return launch_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
         run_stage(args.stage, args)
         return 0

@@ -21,7 +21,7 @@ from typing import Any
 from cdc.io import read_json
 from cdc.params import Params
 from components.checkpoint import CHECKPOINT_ROOT_ENV
-from components.cli import NPROC_ENV, exit_now, torchrun
+from components.cli import NPROC_ENV, exit_now, process_count, torchrun
 from components.runner import execute
 from components.stages import STAGE_BY_NAME, Stage
 from pipeline.run_record import (
@@ -74,7 +74,7 @@ def processes_for(stage: Stage) -> int:
         return 1
     import torch
 
-    return int(os.environ.get(NPROC_ENV) or torch.cuda.device_count() or 1)
+    return process_count(os.environ.get(NPROC_ENV) or str(torch.cuda.device_count() or 1))
 
 
 def launch_ranks(

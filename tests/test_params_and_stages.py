@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cdc.params import Params, ParamsError, load_params
-from components.cli import build_parser
+from components.cli import build_parser, main
 from components.stages import STAGES, Stage, dvc_yaml
 from tests.conftest import REPO
 
@@ -68,6 +68,18 @@ def test_cli_has_a_command_per_stage_with_its_paths():
                 assert Params().get(stage.param_paths[name]) == path
             else:
                 assert str(getattr(args, name)) == path
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_bad_cdc_nproc_is_one_clear_error_of_the_stages_that_use_it(value, monkeypatch, caplog, tmp_path):
+    """$CDC_NPROC is read as --nproc's default: a bad value stops a distributed stage with exit 2
+    and names the variable (it once crashed every `cdc` command while the parser was built)."""
+    monkeypatch.setenv("CDC_NPROC", value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["dump_stats"]) == 2
+    assert f"$CDC_NPROC) must be a whole number >= 1, got '{value}'" in caplog.text
+    assert "Traceback" not in caplog.text
+    assert main(["dvc-yaml"]) == 0  # commands without --nproc do not read it
 
 
 def test_committed_metrics_are_those_of_the_committed_dvc_lock():

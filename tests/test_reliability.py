@@ -239,7 +239,7 @@ BAD_INPUTS = [
         "--nproc 0",
         "dump_stats",
         lambda t, r: ["--nproc", "0"],
-        ("--nproc", ">= 1", "got 0"),
+        ("--nproc", ">= 1", "got '0'"),
     ),
     BadInput(
         P,
