@@ -18,7 +18,7 @@ from cdc.device import DEVICE_PATTERN
 from cdc.errors import InputError
 from cdc.inference import INFERENCE_FORMS
 from cdc.models import MODELS, Imported, PrunableNet, build_model, is_import_path
-from cdc.pruning import BUDGETS
+from cdc.pruning import BUDGETS, budget_reads
 from cdc.registry import Registry
 from cdc.sources import COARSE_MAPS, DATASETS, DEFAULT_IMAGE_SIZE
 
@@ -335,7 +335,7 @@ class Params(Section):
             raise ValueError(f"prune.ratios is read by budget per_layer only, not {pr.budget}; set it null")
         if pr.budget == "per_layer" and pr.ratios is None:
             raise ValueError("prune.budget per_layer needs prune.ratios, a removal fraction per layer")
-        if pr.budget == "latency_target" and self.latency.step % pr.round_to:
+        if budget_reads(pr.budget).latency and self.latency.step % pr.round_to:
             raise ValueError(
                 f"prune.round_to {pr.round_to} must divide latency.step {self.latency.step}: the budget "
                 "keeps widths the latency table measured (multiples of latency.step)"

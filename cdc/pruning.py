@@ -44,7 +44,35 @@ class BudgetProbe:
 # to keep per layer.
 Budget = Callable[[list[str], list[int], dict, BudgetProbe | None], list[int]]
 BUDGETS: Registry[Budget] = Registry("budget")
-register_budget = BUDGETS.register
+
+
+@dataclass(frozen=True)
+class BudgetReads:
+    """What a budget reads besides widths and params, so the stages measure it only for the budgets
+    that read it (and a user's budget declares it where it registers)."""
+
+    accuracy: bool = False  # validation accuracy with channels silenced: a sensitivity search
+    latency: bool = False  # the target's latency table (stage latency_table measures it)
+    flops_target: bool = False  # aims at prune.flops_target (the prune report gives it)
+
+
+_READS: dict[str, BudgetReads] = {}
+
+
+def register_budget(name: str, reads: BudgetReads = BudgetReads()) -> Callable[[Budget], Budget]:
+    """Decorator: `@register_budget("half_late")` above the budget, with what it reads."""
+
+    def add(budget: Budget) -> Budget:
+        _READS[name] = reads
+        return BUDGETS.add(name, budget)
+
+    return add
+
+
+def budget_reads(name: str) -> BudgetReads:
+    """What budget `name` reads; unknown names raise, listing the known ones."""
+    BUDGETS.get(name)
+    return _READS[name]
 
 
 def _keep(width: int, ratio: float) -> int:
@@ -73,7 +101,7 @@ def per_layer_budget(
     return [_keep(w, r) for w, r in zip(widths, ratios, strict=True)]
 
 
-@register_budget("flops_target")
+@register_budget("flops_target", BudgetReads(accuracy=True, flops_target=True))
 def flops_target_budget(
     names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
 ) -> list[int]:
@@ -96,7 +124,7 @@ def flops_target_budget(
     return _sensitivity_search(names, start, params, probe, "flops", narrower)
 
 
-@register_budget("latency_target")
+@register_budget("latency_target", BudgetReads(accuracy=True, latency=True))
 def latency_target_budget(
     names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
 ) -> list[int]:
@@ -172,7 +200,7 @@ def _sensitivity_search(
     return keep
 
 
-@register_budget("global")
+@register_budget("global", BudgetReads(flops_target=True))
 def global_budget(
     names: list[str], widths: list[int], params: dict, probe: BudgetProbe | None = None
 ) -> list[int]:

@@ -13,7 +13,16 @@ from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, save_model
 from cdc.models import MODELS, build_model
-from cdc.pruning import channels_to_remove, keep_counts, prune_channels
+from cdc.params import Params
+from cdc.pruning import (
+    BUDGETS,
+    BudgetReads,
+    budget_reads,
+    channels_to_remove,
+    keep_counts,
+    prune_channels,
+    register_budget,
+)
 from tests.conftest import REPO
 
 SHAPE = (1, 28, 28)
@@ -33,6 +42,27 @@ def test_budgets():
         keep_counts("per_layer", ["a", "b"], [16, 64], {"ratios": [0.25]})
     with pytest.raises(InputError, match="unknown budget 'nope'; known budgets: .*uniform"):
         keep_counts("nope", ["a"], [4], {})
+
+
+def test_a_budget_declares_what_it_reads_and_the_stages_follow(monkeypatch):
+    """The stages measure accuracy or a latency table only for the budgets that declare they read it;
+    a user's budget declares it where it registers, and the params rules follow the declaration."""
+    assert budget_reads("uniform") == BudgetReads()
+    assert budget_reads("flops_target") == BudgetReads(accuracy=True, flops_target=True)
+    assert budget_reads("latency_target") == BudgetReads(accuracy=True, latency=True)
+    with pytest.raises(InputError, match="unknown budget 'nope'"):
+        budget_reads("nope")
+    monkeypatch.setattr(BUDGETS, "_entries", dict(BUDGETS._entries))  # registered for this test only
+
+    @register_budget("latency_halves", BudgetReads(latency=True))
+    def latency_halves(names, widths, params, probe=None):
+        return [max(1, w // 2) for w in widths]
+
+    assert budget_reads("latency_halves").latency and not budget_reads("latency_halves").accuracy
+    prune = {"budget": "latency_halves", "round_to": 3}  # must divide latency.step (8), as latency_target's
+    with pytest.raises(ValueError, match="round_to 3 must divide latency.step 8"):
+        Params.model_validate({"prune": prune})
+    assert Params.model_validate({"prune": {**prune, "round_to": 4}}).prune.budget == "latency_halves"
 
 
 def _perturbed(arch: str) -> torch.nn.Module:

@@ -20,16 +20,16 @@ from cdc.errors import InputError
 from cdc.io import build_like, load_model, read_json
 from cdc.latency_model import measure_table, save_unmeasured, width_steps
 from cdc.params import Params
+from cdc.pruning import budget_reads
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
-BUDGET = "latency_target"  # the budget that reads the table
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
     p = params.latency
-    if params.prune.budget != BUDGET:
-        save_unmeasured(outputs["table"], f"prune.budget is {params.prune.budget}, not {BUDGET}")
+    if not budget_reads(params.prune.budget).latency:
+        save_unmeasured(outputs["table"], f"prune.budget {params.prune.budget} reads no latency table")
         log.info("no latency table measured: prune.budget %s reads none", params.prune.budget)
         return
     device = resolve_device(p.device)

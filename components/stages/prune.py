@@ -20,13 +20,18 @@ from cdc.io import build_like, load_model, read_json, save_model, write_json
 from cdc.latency_model import LatencyTable
 from cdc.models import PrunableNet
 from cdc.params import Params
-from cdc.pruning import BudgetProbe, channels_to_remove, keep_counts, prune_channels, silencing_probe
+from cdc.pruning import (
+    BudgetProbe,
+    budget_reads,
+    channels_to_remove,
+    keep_counts,
+    prune_channels,
+    silencing_probe,
+)
 from cdc.stats_table import SCORES_SCHEMA, read_checked
 from components.tracking import StageTracker
 
 log = logging.getLogger(__name__)
-FLOPS_BUDGETS = ("flops_target", "global")  # the budgets that aim at prune.flops_target
-SENSITIVITY_BUDGETS = ("flops_target", "latency_target")  # the budgets that probe validation accuracy
 
 
 def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], tracker: StageTracker) -> None:
@@ -60,7 +65,7 @@ def run(params: Params, inputs: dict[str, Path], outputs: dict[str, Path], track
     report = {
         "budget": params.prune.budget,
         "round_to": params.prune.round_to,
-        "flops_target": params.prune.flops_target if params.prune.budget in FLOPS_BUDGETS else None,
+        "flops_target": params.prune.flops_target if budget_reads(params.prune.budget).flops_target else None,
         "sensitivity_trace": probe.trace or None,
         **latency_prediction(params, table, widths_before, keep),
         "layers": names,
@@ -94,14 +99,15 @@ def budget_probe(
     layer_scores: list,
     input_shape: tuple[int, ...],
 ) -> BudgetProbe:
-    """What the measuring budgets read: FLOPs of candidate widths, the scores, and for `flops_target` and
-    `latency_target` the teacher's accuracy on validation images with channels silenced."""
+    """What the measuring budgets read: FLOPs of candidate widths, the scores, and for the budgets that
+    read accuracy (`flops_target`, `latency_target`) the teacher's accuracy on validation images with
+    channels silenced."""
 
     @cache
     def flops(widths: tuple[int, ...]) -> int:
         return count_macs_of(lambda: build_like(record, list(widths)), input_shape)
 
-    if params.prune.budget not in SENSITIVITY_BUDGETS:
+    if not budget_reads(params.prune.budget).accuracy:
         return BudgetProbe(lambda w: flops(tuple(w)), layer_scores)
     data = load_prepared(prepared)
     idx = stratified_subset(data.val.labels, params.prune.sensitivity_images, params.seed)
@@ -112,7 +118,7 @@ def budget_probe(
 
 def latency_table(params: Params, path: Path, names: list[str], widths: list[int]) -> LatencyTable | None:
     """The target's latency table where the budget reads one, checked against the teacher."""
-    if params.prune.budget != "latency_target":
+    if not budget_reads(params.prune.budget).latency:
         return None
     table = LatencyTable.load(path)
     if table is None:
