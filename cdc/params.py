@@ -201,7 +201,7 @@ class PruneParams(Section):
         description="flops_target, latency_target: cost (fraction of the teacher's) each probe removes",
     )
     latency_target: float = Field(
-        0.5, gt=0, lt=1, description="latency_target: fraction of the teacher's predicted latency kept"
+        0.7, gt=0, lt=1, description="latency_target: fraction of the teacher's predicted latency kept"
     )
 
     @field_validator("budget")

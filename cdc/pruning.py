@@ -191,7 +191,7 @@ def _sensitivity_search(
         if best is None:
             raise InputError(
                 f"prune.{measure}_target {target}: every layer is at its minimum width at "
-                f"{current / full:.3f} of the teacher's {measure}"
+                f"{current / full:.3f} of the teacher's {measure}; set a target above that"
             )
         _, i, keep, current, accuracy = best
         probe.trace.append(
