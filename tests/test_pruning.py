@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cdc import pruning
 from cdc.errors import InputError
 from cdc.flops import count_macs, count_params
 from cdc.io import load_model, save_model
@@ -45,14 +46,16 @@ def test_budgets():
 
 
 def test_a_budget_declares_what_it_reads_and_the_stages_follow(monkeypatch):
-    """The stages measure accuracy or a latency table only for the budgets that declare they read it;
-    a user's budget declares it where it registers, and the params rules follow the declaration."""
+    """A budget declares what it reads where it registers (prune and latency_table measure accuracy or a
+    table only for those that read them; tests/test_latency_budget.py: none for uniform), and the params
+    rules follow the declaration, for a user's budget too."""
     assert budget_reads("uniform") == BudgetReads()
     assert budget_reads("flops_target") == BudgetReads(accuracy=True, flops_target=True)
     assert budget_reads("latency_target") == BudgetReads(accuracy=True, latency=True)
     with pytest.raises(InputError, match="unknown budget 'nope'"):
         budget_reads("nope")
     monkeypatch.setattr(BUDGETS, "_entries", dict(BUDGETS._entries))  # registered for this test only
+    monkeypatch.setattr(pruning, "_READS", dict(pruning._READS))
 
     @register_budget("latency_halves", BudgetReads(latency=True))
     def latency_halves(names, widths, params, probe=None):
