@@ -66,7 +66,9 @@ def test_every_profile_and_method_makes_valid_params(name: str):
         assert params["score"]["criterion"] == method.criterion
 
 
-def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
+def test_compare_runs_cells_through_dvc_and_writes_the_report(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     out = tmp_path / "docs" / "results.md"
     cmd = [sys.executable, "-m", "tools.cli", "compare", "--profile", "tiny", "--methods", "cdc", "l1"]
     cmd += ["--workspace", str(tmp_path / "ws"), "--out", str(out), "--raw", str(RAW)]
@@ -130,10 +132,20 @@ def test_compare_runs_cells_through_dvc_and_writes_the_report(tmp_path: Path):
     # a method fine-tuned at two budgets gets its curve: the report alone, from a row added by hand
     tuned = cells[("l1", 0.6)] | {"fine_tuned": True, "student_test": cells[("l1", 0.5)]["student_test"]}
     rows_path.write_text(json.dumps([r for r in rows if r is not cells[("l1", 0.6)]] + [tuned]))
+    # the report keeps the date and machine the rows' run recorded, not the rewrite's
+    run_record = plots / "compare_tiny_run.json"
+    run = json.loads(run_record.read_text())
+    assert run["command"] == "cdc compare --profile tiny --methods cdc l1" and run["date"] in text
+    run_record.write_text(json.dumps(run | {"date": "1999-12-31", "machine": "the run's machine"}))
     report_only = [*cmd[3:], "--report-only"]
     assert run_here(report_only, REPO, env).returncode == 0
     assert (plots / "tiny_student_test.png").stat().st_size > 0
-    assert "![after fine-tune](results/tiny_student_test.png)" in out.read_text()
+    rewritten = out.read_text()
+    assert "![after fine-tune](results/tiny_student_test.png)" in rewritten
+    assert "on 1999-12-31 (the run's machine)" in rewritten
+    run_record.unlink()
+    assert run_here(report_only, REPO, env).returncode == 2  # no record: no guessed date
+    assert "compare_tiny_run.json not found" in caplog.text
 
     # matched by latency: the budgets are fractions of the latency a table measured here predicts; the
     # same workspace, so DVC reuses the teacher, statistics and scores

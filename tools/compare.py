@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from cdc.errors import InputError
 from components import stage_server
 
 if TYPE_CHECKING:
@@ -559,7 +560,12 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         "predicts (the profile's `latency` params: batch size, form; rows in compare_<profile>_latency_"
         "matched.json, the table beside them); default: %(default)s",
     )
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from the saved rows")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the report from the saved rows, with the date, machine and command their run "
+        "recorded (compare_<profile>_run.json)",
+    )
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -571,7 +577,7 @@ def run_compare(args: argparse.Namespace) -> int:
     methods = [METHOD_BY_NAME[m] for m in args.methods]
     if not args.report_only:
         if not args.raw.exists():
-            raise FileNotFoundError(f"raw data {args.raw} not found: run `make data` first")
+            raise InputError(f"raw data {args.raw} not found: run `make data` first", args.raw)
         jobs = args.jobs or len(profile["seeds"])
         table = None
         if args.match == "latency":
@@ -586,14 +592,25 @@ def run_compare(args: argparse.Namespace) -> int:
     if not args.report_only:
         latency_path.write_text(json.dumps(measure_latency(profile, rows, args.raw.resolve()), indent=1))
     latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
-    command = f"cdc compare --profile {args.profile}" + (
-        "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
-    )
-    command += "" if args.match == "flops" else " --match latency"
+    # who produced the rows: recorded by the run, so a rewritten report keeps the run's date and machine
+    run_path = rows_path.with_name(f"{rows_path.stem}_run.json")
+    if args.report_only:
+        if not run_path.exists():
+            raise InputError(
+                f"{run_path} not found: the date and machine of the rows in {rows_path} are unknown; "
+                "run the comparison without --report-only",
+                run_path,
+            )
+        run = json.loads(run_path.read_text())
+    else:
+        command = f"cdc compare --profile {args.profile}" + (
+            "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
+        )
+        command += "" if args.match == "flops" else " --match latency"
+        run = {"date": date.today().isoformat(), "machine": machine_line(), "command": command}
+        run_path.write_text(json.dumps(run, indent=1) + "\n")
     meta = {
-        "date": date.today().isoformat(),
-        "machine": machine_line(),
-        "command": command,
+        **run,
         "profile": args.profile,
         "rows": rows_path.name,
         "about": profile["about"],
