@@ -82,7 +82,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path | None = Non
         dynamo=True,
         verbose=False,
     )
-    data = program.model_proto.SerializeToString()
+    proto = program.model_proto
+    # each node's source stack trace names the files of the checkout and virtualenv that exported it: the
+    # same model exported from another folder would be other bytes (and disclose the exporter's paths)
+    for graph in (proto.graph, *proto.functions):
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    data = proto.SerializeToString()
     if path is not None:
         path.write_bytes(data)
     return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -204,6 +205,11 @@ def test_exports_reproduce_the_student_and_the_registry_serves_it(audited):
         ts_logits = load_torchscript(ws / "data/export/student.torchscript.pt")(images).numpy()
     for logits in (onnx_logits, ts_logits):
         np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # the exports name no folder of the machine that wrote them (the code's, the interpreter's, the run's)
+    folders = [str(Path(__file__).parents[1]), sys.prefix, str(Path(torch.__file__).parent), str(ws)]
+    for export in ("student.onnx", "student.torchscript.pt"):
+        raw = (ws / "data/export" / export).read_bytes()
+        assert [f for f in folders if f.encode() in raw] == [], export
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     served = mlflow.pyfunc.load_model("models:/cdc-student@candidate").predict(images.numpy()[:5])
     np.testing.assert_array_equal(np.asarray(served).argmax(1), expected[:5].argmax(1))  # batch 5: dynamic
