@@ -589,26 +589,24 @@ def run_compare(args: argparse.Namespace) -> int:
         )
     rows = json.loads(rows_path.read_text())
     latency_path = rows_path.with_name(f"{rows_path.stem}_latency.json")
-    if not args.report_only:
-        latency_path.write_text(json.dumps(measure_latency(profile, rows, args.raw.resolve()), indent=1))
-    latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
     # who produced the rows: recorded by the run, so a rewritten report keeps the run's date and machine
     run_path = rows_path.with_name(f"{rows_path.stem}_run.json")
-    if args.report_only:
-        if not run_path.exists():
-            raise InputError(
-                f"{run_path} not found: the date and machine of the rows in {rows_path} are unknown; "
-                "run the comparison without --report-only",
-                run_path,
-            )
-        run = json.loads(run_path.read_text())
-    else:
+    if not args.report_only:
+        latency_path.write_text(json.dumps(measure_latency(profile, rows, args.raw.resolve()), indent=1))
         command = f"cdc compare --profile {args.profile}" + (
             "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
         )
         command += "" if args.match == "flops" else " --match latency"
         run = {"date": date.today().isoformat(), "machine": machine_line(), "command": command}
-        run_path.write_text(json.dumps(run, indent=1) + "\n")
+        run_path.write_text(json.dumps(run, indent=1) + "\n")  # read back below, as --report-only does
+    elif not run_path.exists():
+        raise InputError(
+            f"{run_path} not found: the date and machine of the rows in {rows_path} are unknown; "
+            "run the comparison without --report-only",
+            run_path,
+        )
+    latency = json.loads(latency_path.read_text()) if latency_path.exists() else {}
+    run = json.loads(run_path.read_text())
     meta = {
         **run,
         "profile": args.profile,
