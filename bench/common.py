@@ -7,24 +7,12 @@ Each benchmark writes bench/results/<name>.json with its measurements and a `tar
 from __future__ import annotations
 
 import json
-import os
 from datetime import date
 from pathlib import Path
 
-import torch
-
-from cdc.device import cpu_model
+from cdc.device import machine_description as machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    """CPU model, cores visible and torch threads; the GPU when one is visible."""
-    threads = torch.get_num_threads()
-    text = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
 
 
 def target(figure: str, value: float, op: str, bound: float, note: str = "") -> dict:

@@ -115,6 +115,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_description() -> str:
+    """The line every recorded figure carries: CPU model, cores visible, torch and its thread count,
+    and the GPU when one is visible (a run on a GPU machine says so)."""
+    threads = torch.get_num_threads()
+    text = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
 def float_platform() -> str:
     """What, besides its inputs, decides a CPU run's floating-point results: the CPU, PyTorch's CPU
     kernel path (`ATEN_CPU_CAPABILITY` can lower it) and the torch build. Two runs that share it give

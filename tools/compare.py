@@ -510,12 +510,6 @@ def measure_latency(
     return out
 
 
-def machine_line() -> str:
-    from cdc.device import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores, no GPU used"
-
-
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -569,6 +563,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from cdc.device import machine_description
     from tools.compare_report import write_report
 
     profile = PROFILES[args.profile]
@@ -597,7 +592,7 @@ def run_compare(args: argparse.Namespace) -> int:
             "" if len(methods) == len(METHODS) else " --methods " + " ".join(args.methods)
         )
         command += "" if args.match == "flops" else " --match latency"
-        run = {"date": date.today().isoformat(), "machine": machine_line(), "command": command}
+        run = {"date": date.today().isoformat(), "machine": machine_description(), "command": command}
         run_path.write_text(json.dumps(run, indent=1) + "\n")  # read back below, as --report-only does
     elif not run_path.exists():
         raise InputError(
