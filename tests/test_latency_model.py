@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cdc.errors import InputError
-from cdc.latency_model import LatencyTable, measure_models, measure_table, width_steps
+from cdc.latency_model import LatencyTable, fit_additivity, measure_models, measure_table, width_steps
 from cdc.models import build_model
 from cdc.pruning import BudgetProbe, keep_counts
 
@@ -40,6 +40,19 @@ def test_a_table_round_trips_through_json(tmp_path: Path):
     table.save(tmp_path / "t.json")
     again = LatencyTable.load(tmp_path / "t.json")
     assert again == table and again.key()["batch"] == 64
+
+
+def test_additivity_is_the_least_squares_slope_and_a_noise_fit_falls_back_to_the_operators_sum(caplog):
+    # summed per-layer changes -0.2 and -0.4; the whole networks measured -0.3 and -0.5:
+    # slope through the origin (0.06 + 0.2) / (0.04 + 0.16) = 1.3, written out by hand
+    assert fit_additivity([-0.2, -0.4], [-0.3, -0.5]) == pytest.approx(1.3)
+    assert not caplog.records
+    # narrowed networks timed no faster than the full one (a busy machine): not a property of the model
+    assert fit_additivity([-0.2, -0.4], [0.001, -0.001]) == 1.0
+    assert fit_additivity([-0.2, -0.4], [0.1, 0.2]) == 1.0  # negative: narrower would be slower
+    assert fit_additivity([-0.2, -0.4], [-0.6, -1.2]) == 1.0  # 3x: beyond any cache effect measured
+    assert len(caplog.records) == 3 and "outside [0.5, 2]" in caplog.records[0].getMessage()
+    assert fit_additivity([0.0, 0.0], [-0.3, -0.5]) == 1.0  # nothing to scale
 
 
 def test_width_steps():
